@@ -1,0 +1,35 @@
+# Quickstart: `make demo` and `make test` work on a fresh machine with Python 3.10+.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# tensorflow-cpu and tensorflow are one module in two distributions; set
+# TF_PACKAGE=tensorflow==2.21.0 for the GPU-capable wheel.
+TF_PACKAGE ?= tensorflow-cpu==2.21.0
+STAMP := .make-install.stamp
+
+.PHONY: install build demo test bench bazel-build clean
+
+# Installs every dependency, then builds the op library against that TensorFlow.
+install: $(STAMP)
+$(STAMP): setup.py Makefile $(wildcard cc/*/*.cc cc/*/*.h)
+	$(PIP) install -q "$(TF_PACKAGE)" "keras==3.15.1" pytest tqdm matplotlib scikit-learn
+	$(MAKE) build
+	touch $(STAMP)
+
+build:
+	$(PIP) install -q --no-build-isolation -e .
+
+demo: install
+	$(PYTHON) examples/quickstart.py
+
+test: install bazel-build
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) -m tf_bf16 bench
+
+# Proves that BUILD builds the same op library with Bazel (see tools/bazel_build.sh).
+bazel-build:
+	bash tools/bazel_build.sh
+
+clean:
+	rm -rf build $(STAMP) tf_bf16/_tf_bf16_ops*.so tf_bf16/_build_info.json *.egg-info

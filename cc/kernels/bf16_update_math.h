@@ -1,0 +1,312 @@
+// Per-element arithmetic of every tf_bf16 update, shared by the CPU kernels,
+// the CUDA kernels and (as the model the HLO is written from) the XLA
+// lowering. docs/rounding.md is the specification; this file is its single
+// implementation in C++. Keep the two in step.
+//
+// Everything here is plain integer and IEEE float32 arithmetic on registers:
+// no Eigen, no TensorFlow types, so that the same code compiles for host and
+// device. bfloat16 storage is handled as raw uint16_t bit patterns.
+//
+// Arithmetic order matters: the pure-TF reference (tf_bf16/reference.py)
+// performs the same float32 operations in the same order, and the library is
+// compiled with -ffp-contract=off so that no multiply-add is fused. That is
+// what makes every implementation agree bit for bit.
+#ifndef TF_BF16_CC_KERNELS_BF16_UPDATE_MATH_H_
+#define TF_BF16_CC_KERNELS_BF16_UPDATE_MATH_H_
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define TF_BF16_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define TF_BF16_HOST_DEVICE inline __attribute__((always_inline))
+#endif
+
+namespace tf_bf16 {
+
+enum class Rounding : int { kNearest = 0, kStochastic = 1, kKahan = 2 };
+
+// Each tensor written by one op draws its random bits from its own lane, so
+// the weight and its optimizer slots never share bits.
+enum Lane : uint32_t {
+  kWeightLane = 0,
+  kFirstSlotLane = 1,   // SGD momentum accumulator, Adam first moment
+  kSecondSlotLane = 2,  // Adam second moment
+  kMaxSlotLane = 3,     // AMSGrad running maximum of the second moment
+};
+
+TF_BF16_HOST_DEVICE uint32_t FloatToBits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+TF_BF16_HOST_DEVICE float BitsToFloat(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+#endif
+}
+
+TF_BF16_HOST_DEVICE float Bf16ToFloat(uint16_t b) {
+  return BitsToFloat(static_cast<uint32_t>(b) << 16);
+}
+
+TF_BF16_HOST_DEVICE bool BitsAreNan(uint32_t u) {
+  return (u & 0x7FFFFFFFu) > 0x7F800000u;
+}
+
+// A NaN keeps its sign and top payload bits and is made quiet, so it can
+// never turn into an infinity by truncation.
+TF_BF16_HOST_DEVICE uint16_t QuietNanBf16(uint32_t u) {
+  return static_cast<uint16_t>((u >> 16) | 0x0040u);
+}
+
+// Round to nearest, ties to even: TensorFlow's and Eigen's float->bfloat16.
+TF_BF16_HOST_DEVICE uint16_t RoundNearestToBf16(float x) {
+  const uint32_t u = FloatToBits(x);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return BitsAreNan(u) ? QuietNanBf16(u) : static_cast<uint16_t>(rounded);
+}
+
+// Stochastic rounding: adding a uniform 16-bit integer to the 16 bits that
+// bfloat16 drops carries into the kept bits with probability equal to the
+// dropped fraction, so E[result] = x and the result is always one of the two
+// bf16 neighbours of x. Exact values (low half zero) never carry. +-Inf has a
+// zero low half, so it stays +-Inf; the largest finite values may carry into
+// +-Inf exactly as rounding up past the largest bf16 does.
+TF_BF16_HOST_DEVICE uint16_t RoundStochasticToBf16(float x, uint32_t random16) {
+  const uint32_t u = FloatToBits(x);
+  const uint32_t rounded = (u + random16) >> 16;
+  return BitsAreNan(u) ? QuietNanBf16(u) : static_cast<uint16_t>(rounded);
+}
+
+// Chris Wellons' "lowbias32" integer hash: a bijection on 32 bits with two
+// multiplies and three xor-shifts; every output bit depends on every input bit.
+TF_BF16_HOST_DEVICE uint32_t Mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+constexpr uint32_t kStreamKeyInit = 0x6A09E667u;  // first 32 bits of frac(sqrt(2))
+
+// The key of one random stream: (seed, step, variable id, lane), absorbed
+// 32 bits at a time. Computed once per op call, on the host.
+TF_BF16_HOST_DEVICE uint32_t StreamKey(int64_t seed, int64_t step,
+                                       int64_t var_id, uint32_t lane) {
+  const uint64_t words[3] = {static_cast<uint64_t>(seed),
+                             static_cast<uint64_t>(step),
+                             static_cast<uint64_t>(var_id)};
+  uint32_t key = kStreamKeyInit;
+  for (int w = 0; w < 3; ++w) {
+    key = Mix32(key ^ static_cast<uint32_t>(words[w]));
+    key = Mix32(key ^ static_cast<uint32_t>(words[w] >> 32));
+  }
+  return Mix32(key ^ lane);
+}
+
+// Elements are hashed by their flat index within the variable. The high 32
+// bits of the index select a block key, constant over 2^32 elements, so the
+// per-element cost is a single Mix32.
+TF_BF16_HOST_DEVICE uint32_t BlockKey(uint32_t stream_key, uint32_t index_high) {
+  return Mix32(stream_key ^ index_high);
+}
+
+TF_BF16_HOST_DEVICE uint32_t RandomBits16(uint32_t block_key, uint32_t index_low) {
+  return Mix32(index_low ^ block_key) >> 16;
+}
+
+// ---------------------------------------------------------------------------
+// Storage. A state tensor is stored as float (exact, no rounding) or as
+// bfloat16 bits; optimizer slots of bfloat16 variables are rounded to nearest
+// under kNearest and stochastically otherwise (see docs/rounding.md, "State").
+
+TF_BF16_HOST_DEVICE float Load(float x) { return x; }
+TF_BF16_HOST_DEVICE float Load(uint16_t b) { return Bf16ToFloat(b); }
+
+template <Rounding R>
+TF_BF16_HOST_DEVICE void StoreState(float value, float* out, uint32_t /*block_key*/,
+                                    uint32_t /*index_low*/) {
+  *out = value;
+}
+
+template <Rounding R>
+TF_BF16_HOST_DEVICE void StoreState(float value, uint16_t* out, uint32_t block_key,
+                                    uint32_t index_low) {
+  if (R == Rounding::kNearest) {
+    *out = RoundNearestToBf16(value);
+  } else {
+    *out = RoundStochasticToBf16(value, RandomBits16(block_key, index_low));
+  }
+}
+
+// The paper's Kahan-compensated add, every operation rounded to nearest bf16
+// as a 16-bit FPU would. float32 add/sub of two bf16 values followed by one
+// rounding to bf16 equals the correctly rounded bf16 result.
+TF_BF16_HOST_DEVICE void KahanAdd(float weight, float delta, uint16_t* weight_out,
+                                  uint16_t* compensation) {
+  const float update = Bf16ToFloat(RoundNearestToBf16(delta));
+  const float comp = Bf16ToFloat(*compensation);
+  const float y = Bf16ToFloat(RoundNearestToBf16(update - comp));
+  const float s = Bf16ToFloat(RoundNearestToBf16(weight + y));
+  const float s_minus_w = Bf16ToFloat(RoundNearestToBf16(s - weight));
+  *compensation = RoundNearestToBf16(s_minus_w - y);
+  *weight_out = RoundNearestToBf16(s);
+}
+
+// Commits weight + delta. float weights: exact float32 add. bf16 weights:
+// nearest, stochastic (weight lane) or Kahan with its compensation buffer.
+template <Rounding R>
+TF_BF16_HOST_DEVICE void CommitWeight(float weight, float delta, float* out,
+                                      uint16_t* /*compensation*/,
+                                      uint32_t /*block_key*/, uint32_t /*index_low*/) {
+  *out = weight + delta;
+}
+
+template <Rounding R>
+TF_BF16_HOST_DEVICE void CommitWeight(float weight, float delta, uint16_t* out,
+                                      uint16_t* compensation, uint32_t block_key,
+                                      uint32_t index_low) {
+  if (R == Rounding::kKahan) {
+    KahanAdd(weight, delta, out, compensation);
+  } else if (R == Rounding::kStochastic) {
+    *out = RoundStochasticToBf16(weight + delta, RandomBits16(block_key, index_low));
+  } else {
+    *out = RoundNearestToBf16(weight + delta);
+  }
+}
+
+// Block keys of the lanes one update writes, for one 2^32-element block.
+struct LaneKeys {
+  uint32_t weight;
+  uint32_t first_slot;
+  uint32_t second_slot;
+  uint32_t max_slot;
+};
+
+struct StreamKeys {
+  uint32_t weight;
+  uint32_t first_slot;
+  uint32_t second_slot;
+  uint32_t max_slot;
+
+  TF_BF16_HOST_DEVICE LaneKeys ForBlock(uint32_t index_high) const {
+    return LaneKeys{BlockKey(weight, index_high), BlockKey(first_slot, index_high),
+                    BlockKey(second_slot, index_high), BlockKey(max_slot, index_high)};
+  }
+};
+
+inline StreamKeys MakeStreamKeys(int64_t seed, int64_t step, int64_t var_id) {
+  return StreamKeys{StreamKey(seed, step, var_id, kWeightLane),
+                    StreamKey(seed, step, var_id, kFirstSlotLane),
+                    StreamKey(seed, step, var_id, kSecondSlotLane),
+                    StreamKey(seed, step, var_id, kMaxSlotLane)};
+}
+
+// ---------------------------------------------------------------------------
+// Optimizer math. Formulations follow TensorFlow's training_ops so that
+// float32 variables get exactly tf.raw_ops.ResourceApplyMomentum /
+// ResourceApplyAdam results.
+
+struct SgdScalars {
+  float lr;
+  float momentum;
+  float weight_decay;
+  bool use_momentum;
+  bool use_nesterov;
+  bool use_weight_decay;  // weight_decay != 0; 0 * Inf must not reach the weight
+};
+
+struct AdamScalars {
+  float lr;
+  float alpha;  // lr * sqrt(1 - beta2_power) / (1 - beta1_power), in float32
+  float one_minus_beta1;
+  float one_minus_beta2;
+  float epsilon;
+  float weight_decay;
+  bool use_weight_decay;
+  bool amsgrad;
+};
+
+// Decoupled weight decay as Keras applies it: w - (w * wd) * lr, folded into
+// the delta so the weight is rounded once.
+TF_BF16_HOST_DEVICE float DecayedDelta(float delta, float weight, float weight_decay,
+                                       float lr) {
+  return delta - (weight * weight_decay) * lr;
+}
+
+// `i` is the element's flat index in the variable (it keys the random bits and
+// addresses every state tensor); `g` is its gradient, already loaded, because
+// sparse updates read gradients at other positions.
+template <Rounding R, typename S>
+TF_BF16_HOST_DEVICE void SgdElement(S* var, S* accum, uint16_t* compensation, float g,
+                                    int64_t i, const SgdScalars& p,
+                                    const LaneKeys& keys) {
+  const uint32_t lo = static_cast<uint32_t>(i);
+  const float w = Load(var[i]);
+  float step;
+  if (p.use_momentum) {
+    const float a = Load(accum[i]) * p.momentum + g;
+    StoreState<R>(a, &accum[i], keys.first_slot, lo);
+    step = p.use_nesterov ? g * p.lr + (a * p.momentum) * p.lr : a * p.lr;
+  } else {
+    step = g * p.lr;
+  }
+  float delta = -step;
+  if (p.use_weight_decay) delta = DecayedDelta(delta, w, p.weight_decay, p.lr);
+  CommitWeight<R>(w, delta, &var[i], compensation ? &compensation[i] : nullptr,
+                  keys.weight, lo);
+}
+
+// NaN-propagating maximum: a NaN second moment must not be hidden by AMSGrad.
+TF_BF16_HOST_DEVICE float NanMax(float running_max, float value) {
+  return (value != value || value > running_max) ? value : running_max;
+}
+
+template <Rounding R, typename S>
+TF_BF16_HOST_DEVICE void AdamElement(S* var, S* m, S* v, S* vhat, uint16_t* compensation,
+                                     float g, int64_t i, const AdamScalars& p,
+                                     const LaneKeys& keys) {
+  const uint32_t lo = static_cast<uint32_t>(i);
+  const float w = Load(var[i]);
+  const float m_old = Load(m[i]);
+  const float v_old = Load(v[i]);
+  const float m_new = m_old + (g - m_old) * p.one_minus_beta1;
+  const float v_new = v_old + (g * g - v_old) * p.one_minus_beta2;
+  StoreState<R>(m_new, &m[i], keys.first_slot, lo);
+  StoreState<R>(v_new, &v[i], keys.second_slot, lo);
+  float v_used = v_new;
+  if (p.amsgrad) {
+    v_used = NanMax(Load(vhat[i]), v_new);
+    StoreState<R>(v_used, &vhat[i], keys.max_slot, lo);
+  }
+  float delta = -((m_new * p.alpha) / (sqrtf(v_used) + p.epsilon));
+  if (p.use_weight_decay) delta = DecayedDelta(delta, w, p.weight_decay, p.lr);
+  CommitWeight<R>(w, delta, &var[i], compensation ? &compensation[i] : nullptr,
+                  keys.weight, lo);
+}
+
+template <Rounding R, typename S>
+TF_BF16_HOST_DEVICE void AssignAddElement(S* var, uint16_t* compensation, float delta,
+                                          int64_t i, const LaneKeys& keys) {
+  CommitWeight<R>(Load(var[i]), delta, &var[i],
+                  compensation ? &compensation[i] : nullptr, keys.weight,
+                  static_cast<uint32_t>(i));
+}
+
+}  // namespace tf_bf16
+
+#endif  // TF_BF16_CC_KERNELS_BF16_UPDATE_MATH_H_

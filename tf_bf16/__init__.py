@@ -1,0 +1,1 @@
+"""tf_bf16: pure-bfloat16 training for Keras and TensorFlow."""
