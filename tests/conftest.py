@@ -1,0 +1,43 @@
+"""Shared fixtures: devices to run on, bit-level comparison helpers."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROUNDINGS = ("nearest", "stochastic", "kahan")
+DTYPES = (tf.bfloat16, tf.float32)
+
+
+def available_devices():
+    """CPU always; GPU when this TensorFlow sees one (the CUDA kernels' tests)."""
+    devices = ["CPU"]
+    if tf.config.list_physical_devices("GPU"):
+        devices.append("GPU")
+    return devices
+
+
+@pytest.fixture(params=available_devices())
+def device(request):
+    with tf.device(f"/{request.param}:0"):
+        yield request.param
+
+
+def bits(x):
+    """Raw bit pattern of a tensor/variable/array as an unsigned integer array."""
+    if hasattr(x, "numpy"):
+        x = x.numpy()
+    x = np.asarray(x)
+    return x.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[x.dtype.itemsize])
+
+
+def assert_bits_equal(a, b, what=""):
+    a_bits, b_bits = bits(a), bits(b)
+    assert a_bits.shape == b_bits.shape, f"{what}: shapes {a_bits.shape} != {b_bits.shape}"
+    mismatch = np.flatnonzero(a_bits.reshape(-1) != b_bits.reshape(-1))
+    assert mismatch.size == 0, (
+        f"{what}: {mismatch.size} of {a_bits.size} elements differ; first at flat index "
+        f"{mismatch[0]}: {a_bits.reshape(-1)[mismatch[0]]:#x} != {b_bits.reshape(-1)[mismatch[0]]:#x}")
