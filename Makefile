@@ -19,7 +19,7 @@ build:
 	$(PIP) install -q --no-build-isolation -e .
 
 demo: install
-	$(PYTHON) examples/quickstart.py
+	$(PYTHON) examples/rounding_demo.py
 
 test: install bazel-build
 	$(PYTHON) -m pytest -q tests

@@ -28,6 +28,7 @@ __all__ = [
 ]
 
 
+@tf.autograph.experimental.do_not_convert
 def _lib():
     return _loader.load()
 
