@@ -1,5 +1,10 @@
 """tf_bf16: pure-bfloat16 training for Keras and TensorFlow.
 
+    import tf_bf16
+    tf_bf16.set_policy()
+    model.compile(optimizer=tf_bf16.optimizers.AdamW(1e-3), loss=...)
+    model.fit(...)
+
 ``tf_bf16.ops`` holds the fused, in-place bf16 update ops (stochastic rounding
 and Kahan summation); ``tf_bf16.reference`` a pure-TensorFlow implementation of
 the same specification (docs/rounding.md). The compiled op library is loaded
@@ -9,4 +14,11 @@ on first use.
 __version__ = "0.1.0"
 
 from tf_bf16 import ops  # noqa: E402,F401
+from tf_bf16 import optimizers  # noqa: E402,F401
 from tf_bf16._loader import OpLibraryError  # noqa: E402,F401
+from tf_bf16.policy import StrictPolicyError  # noqa: E402,F401
+from tf_bf16.policy import check_model  # noqa: E402,F401
+from tf_bf16.policy import keep_float32  # noqa: E402,F401
+from tf_bf16.policy import prepare_model  # noqa: E402,F401
+from tf_bf16.policy import reset_policy  # noqa: E402,F401
+from tf_bf16.policy import set_policy  # noqa: E402,F401

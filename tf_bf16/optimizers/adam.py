@@ -1,0 +1,126 @@
+import keras
+
+from tf_bf16 import ops
+from tf_bf16.optimizers import base
+
+
+@keras.saving.register_keras_serializable(package="tf_bf16")
+class Adam(base.RoundingMixin, keras.optimizers.Adam):
+    """Adam for pure-bfloat16 training.
+
+    A drop-in replacement for `keras.optimizers.Adam`: same arguments, same
+    defaults, the same update. Each step is one fused op
+    (`tf_bf16.ops.apply_adam`): the moments and the bias correction are
+    computed in float32 (stock Keras casts `beta_2=0.999` to a bf16
+    variable's dtype, where it becomes 1.0, and Adam never moves a weight),
+    and the new weight is rounded with stochastic rounding or Kahan summation.
+
+    Args:
+        learning_rate: A float, a
+            `keras.optimizers.schedules.LearningRateSchedule` instance, or
+            a callable that takes no arguments and returns the actual value to
+            use. The learning rate. Defaults to `0.001`.
+        beta_1: A float value or a constant float tensor, or a callable
+            that takes no arguments and returns the actual value to use. The
+            exponential decay rate for the 1st moment estimates. Defaults to
+            `0.9`.
+        beta_2: A float value or a constant float tensor, or a callable
+            that takes no arguments and returns the actual value to use. The
+            exponential decay rate for the 2nd moment estimates. Defaults to
+            `0.999`.
+        epsilon: A small constant for numerical stability. This epsilon is
+            "epsilon hat" in the Kingma and Ba paper (in the formula just before
+            Section 2.1), not the epsilon in Algorithm 1 of the paper. Defaults
+            to `1e-7`.
+        amsgrad: Boolean. Whether to apply AMSGrad variant of this algorithm
+            from the paper "On the Convergence of Adam and beyond". Defaults
+            to `False`.
+        rounding: `"kahan"` (default), `"stochastic"` or `"nearest"`: how the
+            bfloat16 weight update is rounded. `"kahan"` keeps a bfloat16
+            compensation buffer per weight (2 bytes/parameter). The moments
+            are rounded stochastically unless `rounding="nearest"`.
+        seed: int or None. Seed of the stochastic rounding. `None` draws one
+            at construction; it is saved in the config, so training resumed
+            from a save is bit-identical.
+        {{base_optimizer_keyword_args}}
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="adam",
+        rounding="kahan",
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            amsgrad=amsgrad,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
+            **kwargs,
+        )
+        self._init_rounding(rounding, seed)
+
+    def build(self, var_list):
+        """Creates the moments (and AMSGrad maxima) and Kahan buffers."""
+        if self.built:
+            return
+        super().build(var_list)
+        self._build_rounding(var_list)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One fused, in-place update of `variable`."""
+        apply_adam_step(self, gradient, variable, learning_rate)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._rounding_config())
+        return config
+
+
+def apply_adam_step(optimizer, gradient, variable, learning_rate):
+    """The fused update shared by Adam and AdamW."""
+    index = optimizer._get_variable_index(variable)
+    ops.apply_adam(
+        variable,
+        base.dense_gradient(gradient),  # Keras's Adam moves every row's moments
+        optimizer._momentums[index],
+        optimizer._velocities[index],
+        learning_rate,
+        beta_1=optimizer.beta_1,
+        beta_2=optimizer.beta_2,
+        epsilon=optimizer.epsilon,
+        step=optimizer.iterations,
+        vhat=optimizer._velocity_hats[index] if optimizer.amsgrad else None,
+        weight_decay=optimizer._weight_decay_for(variable),
+        **optimizer._stream(variable),
+    )
+
+
+Adam.__doc__ = Adam.__doc__.replace(
+    "{{base_optimizer_keyword_args}}", base.BASE_OPTIMIZER_KEYWORD_ARGS)

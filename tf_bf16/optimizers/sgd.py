@@ -1,0 +1,121 @@
+import keras
+
+from tf_bf16 import ops
+from tf_bf16.optimizers import base
+
+
+@keras.saving.register_keras_serializable(package="tf_bf16")
+class SGD(base.RoundingMixin, keras.optimizers.SGD):
+    """Gradient descent (with momentum) for pure-bfloat16 training.
+
+    A drop-in replacement for `keras.optimizers.SGD`: same arguments, same
+    defaults, the same update. On bfloat16 variables each step is one fused
+    op (`tf_bf16.ops.apply_sgd`) that computes in float32 registers and rounds
+    the new weight with stochastic rounding or Kahan summation, so updates
+    smaller than half a bfloat16 ulp are not lost. float32 variables get the
+    exact update.
+
+    Update rule for parameter `w` with gradient `g` (the formulation of
+    `tf.raw_ops.ResourceApplyMomentum`; equal to Keras's when the learning
+    rate is constant):
+
+    ```python
+    accum = momentum * accum + g
+    w = w - learning_rate * accum          # nesterov: w - lr * (g + momentum * accum)
+    ```
+
+    Args:
+        learning_rate: A float, a
+            `keras.optimizers.schedules.LearningRateSchedule` instance, or
+            a callable that takes no arguments and returns the actual value to
+            use. The learning rate. Defaults to `0.01`.
+        momentum: float hyperparameter >= 0 that accelerates gradient descent in
+            the relevant direction and dampens oscillations. 0 is vanilla
+            gradient descent. Defaults to `0.0`.
+        nesterov: boolean. Whether to apply Nesterov momentum.
+            Defaults to `False`.
+        rounding: `"kahan"` (default), `"stochastic"` or `"nearest"`: how the
+            bfloat16 weight update is rounded. `"kahan"` keeps a bfloat16
+            compensation buffer per weight (2 bytes/parameter); `"stochastic"`
+            needs no memory; `"nearest"` is what plain bfloat16 training does.
+            Momentum, EMA and accumulator state is rounded stochastically
+            unless `rounding="nearest"`.
+        seed: int or None. Seed of the stochastic rounding. `None` draws one
+            at construction; it is saved in the config, so training resumed
+            from a save is bit-identical.
+        {{base_optimizer_keyword_args}}
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.01,
+        momentum=0.0,
+        nesterov=False,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="SGD",
+        rounding="kahan",
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(
+            learning_rate=learning_rate,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
+            **kwargs,
+        )
+        self._init_rounding(rounding, seed)
+
+    def build(self, variables):
+        """Creates momentum accumulators and Kahan compensation buffers."""
+        if self.built:
+            return
+        super().build(variables)
+        self._build_rounding(variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One fused, in-place update of `variable`."""
+        index = self._get_variable_index(variable)
+        accumulator = self.momentums[index] if self.momentum != 0 else None
+        if accumulator is not None:
+            # Momentum makes every row move every step, as in Keras.
+            gradient = base.dense_gradient(gradient)
+        elif hasattr(gradient, "indices"):
+            gradient = base.deduplicated_slices(gradient)
+        ops.apply_sgd(
+            variable,
+            gradient,
+            learning_rate,
+            momentum=self.momentum,
+            accumulator=accumulator,
+            nesterov=self.nesterov,
+            weight_decay=self._weight_decay_for(variable),
+            step=self._iterations,
+            **self._stream(variable),
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._rounding_config())
+        return config
+
+
+SGD.__doc__ = SGD.__doc__.replace(
+    "{{base_optimizer_keyword_args}}", base.BASE_OPTIMIZER_KEYWORD_ARGS)
