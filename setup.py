@@ -34,7 +34,7 @@ HEADERS = [
 # -ffp-contract=off: no fused multiply-add, so the float32 math rounds after
 # every operation exactly as the TensorFlow reference does (docs/rounding.md).
 CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno",
-            "-Wno-sign-compare", "-Wno-ignored-attributes"]
+            "-Wno-sign-compare", "-Wno-ignored-attributes", "-Wno-deprecated-declarations"]
 
 _TF_QUERY = (
     "import json, tensorflow as tf; print(json.dumps({'version': tf.__version__, "

@@ -25,6 +25,7 @@ __all__ = [
     "rounded_assign_add",
     "apply_sgd",
     "apply_adam",
+    "apply_lion",
 ]
 
 
@@ -191,6 +192,44 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
                                                          **common)
     grad = _args.check_tensor(gradient, "gradient", shape)
     return _lib().tf_bf16_resource_apply_adam(grad=grad, **common)
+
+
+def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
+               weight_decay=0.0, rounding="stochastic", compensation=None, seed=0, step=0,
+               var_id=0, name=None):
+    """Fused Lion step, in place, one pass over memory.
+
+    ``variable -= lr * sign(m * beta_1 + g * (1 - beta_1))`` and
+    ``m = m * beta_2 + g * (1 - beta_2)`` (Keras's formulation of Chen et al.
+    2023), with decoupled weight decay ``variable -= variable * wd * lr``.
+    Every Lion step moves each weight by exactly ``lr``, which round-to-nearest
+    cancels for every weight larger than about ``256 * lr``: Lion needs SR or
+    Kahan in bfloat16 more than most.
+
+    Args:
+        variable: bfloat16 or float32 variable.
+        gradient: dense tensor of the variable's shape (``IndexedSlices`` are
+            densified: Lion moves every row's momentum).
+        m: momentum slot, same dtype and shape as the variable.
+        learning_rate, beta_1, beta_2, weight_decay: float scalars.
+        rounding, compensation, seed, step, var_id: see ``rounded_assign_add``.
+        name: optional op name.
+    """
+    dtype = _args.check_variable(variable, "variable")
+    _args.check_rounding(rounding, dtype, compensation, _args.variable_name(variable))
+    shape = tf.TensorShape(variable.shape)
+    _args.check_variable(m, "m", dtype, shape)
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
+    grad = _args.check_tensor(gradient, "gradient", shape)
+    return _lib().tf_bf16_resource_apply_lion(
+        var=_args.resource_handle(variable, "variable"), m=_args.resource_handle(m, "m"),
+        compensation=_compensation_list(compensation, variable),
+        lr=_args.float_scalar(learning_rate, "learning_rate"),
+        beta1=_args.float_scalar(beta_1, "beta_1"), beta2=_args.float_scalar(beta_2, "beta_2"),
+        weight_decay=_args.float_scalar(weight_decay, "weight_decay"), grad=grad,
+        seed=_args.int64_scalar(seed, "seed"), step=_args.int64_scalar(step, "step"),
+        var_id=_args.int64_scalar(var_id, "var_id"), T=dtype, rounding=rounding, name=name)
 
 
 def _compensation_list(compensation, variable):

@@ -53,7 +53,8 @@ def random_bits16(key, flat_index):
     """16 random bits for each int64 element index, from a stream key."""
     low, high = _split64(flat_index)
     block_key = mix32(tf.bitwise.bitwise_xor(key, high))
-    return tf.bitwise.right_shift(mix32(tf.bitwise.bitwise_xor(low, block_key)), _u32(16))
+    return tf.bitwise.right_shift(mix32(mix32(tf.bitwise.bitwise_xor(low, block_key))),
+                                  _u32(16))
 
 
 def _bits(x):
@@ -65,14 +66,22 @@ def _to_bf16(bits32):
     return tf.bitcast(tf.cast(bits32, tf.uint16), tf.bfloat16)
 
 
+CANONICAL_NAN_BF16 = 0x7FC0
+CANONICAL_NAN_FLOAT32 = 0x7FC00000
+
+
 def _nan_or(bits, rounded):
     is_nan = tf.bitwise.bitwise_and(bits, _u32(0x7FFFFFFF)) > _u32(0x7F800000)
-    quiet = tf.bitwise.bitwise_or(tf.bitwise.right_shift(bits, _u32(16)), _u32(0x40))
-    return _to_bf16(tf.where(is_nan, quiet, rounded))
+    return _to_bf16(tf.where(is_nan, _u32(CANONICAL_NAN_BF16), rounded))
+
+
+def canonicalize_nan(x):
+    """float32: every NaN becomes the canonical quiet NaN 0x7FC00000."""
+    return tf.where(tf.math.is_nan(x), tf.bitcast(_u32(CANONICAL_NAN_FLOAT32), tf.float32), x)
 
 
 def round_nearest(x):
-    """float32 -> bfloat16, round to nearest, ties to even; NaN stays (quiet) NaN."""
+    """float32 -> bfloat16, round to nearest, ties to even; NaN -> canonical NaN."""
     bits = _bits(x)
     lsb = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, _u32(16)), _u32(1))
     return _nan_or(bits, tf.bitwise.right_shift(bits + _u32(0x7FFF) + lsb, _u32(16)))
@@ -118,7 +127,7 @@ class _Stream:
 def _store_state(value, dtype, rounding, stream, lane):
     """Optimizer slots: exact in float32; bf16 nearest under 'nearest', else stochastic."""
     if dtype == tf.float32:
-        return value
+        return canonicalize_nan(value)
     if rounding == "nearest":
         return round_nearest(value)
     return round_stochastic(value, stream.bits(lane))
@@ -127,7 +136,7 @@ def _store_state(value, dtype, rounding, stream, lane):
 def _commit_weight(weight, delta, dtype, rounding, compensation, stream):
     """Returns (new weight, new compensation or None)."""
     if dtype == tf.float32:
-        return weight + delta, None
+        return canonicalize_nan(weight + delta), None
     if rounding == "kahan":
         return kahan_add(weight, delta, compensation)
     if rounding == "stochastic":
@@ -164,6 +173,14 @@ def _adam_math(w, m, v, vhat, g, p):
         v_used = vhat_new
     delta = -((m_new * p["alpha"]) / (tf.sqrt(v_used) + p["epsilon"]))
     return _decayed(delta, w, p["weight_decay"], p["lr"]), m_new, v_new, vhat_new
+
+
+def _lion_math(w, m, g, p):
+    c = m * p["beta1"] + g * p["one_minus_beta1"]
+    m_new = m * p["beta2"] + g * p["one_minus_beta2"]
+    sign = tf.where(tf.math.is_nan(c), c, tf.sign(c))  # NaN reaches the weight
+    delta = -(p["lr"] * sign)
+    return _decayed(delta, w, p["weight_decay"], p["lr"]), m_new
 
 
 def _adam_scalars(learning_rate, beta_1, beta_2, epsilon, weight_decay, step):
@@ -348,3 +365,24 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
         return delta, slots
 
     _run_update(variables, gradient, math_fn, rounding, compensation, seed, step, var_id)
+
+
+def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
+               weight_decay=0.0, rounding="stochastic", compensation=None, seed=0, step=0,
+               var_id=0, name=None):
+    """Reference of ``tf_bf16.ops.apply_lion``."""
+    del name
+    dtype = _args.check_variable(variable, "variable")
+    _args.check_rounding(rounding, dtype, compensation, _args.variable_name(variable))
+    beta1 = _args.float_scalar(beta_1, "beta_1")
+    beta2 = _args.float_scalar(beta_2, "beta_2")
+    p = {"lr": _args.float_scalar(learning_rate, "learning_rate"), "beta1": beta1,
+         "one_minus_beta1": 1.0 - beta1, "beta2": beta2, "one_minus_beta2": 1.0 - beta2,
+         "weight_decay": _args.float_scalar(weight_decay, "weight_decay")}
+
+    def math_fn(cur, g):
+        delta, m_new = _lion_math(cur["var"], cur["m"], g, p)
+        return delta, {"m": m_new}
+
+    _run_update({"var": variable, "m": m}, gradient, math_fn, rounding, compensation, seed,
+                step, var_id)

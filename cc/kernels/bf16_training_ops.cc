@@ -165,6 +165,25 @@ struct Bf16ApplyAdam<CPUDevice, R, S, G> {
   }
 };
 
+template <Rounding R, typename S, typename G>
+struct Bf16ApplyLion<CPUDevice, R, S, G> {
+  void operator()(const CPUDevice& d, S* var, S* m, uint16_t* compensation, const G* grad,
+                  int64_t n, const tf_bf16::LionScalars& p,
+                  const tf_bf16::StreamKeys& keys) {
+    const double state = sizeof(S) * 2 + (compensation ? 2 : 0);
+    ParallelElements(d, n, state + sizeof(G), state, 24, keys,
+                     [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& k) {
+                       S* __restrict__ w = var;
+                       S* __restrict__ m1 = m;
+                       uint16_t* __restrict__ c = compensation;
+                       const G* __restrict__ g = grad;
+                       for (int64_t i = begin; i < end; ++i) {
+                         tf_bf16::LionElement<R>(w, m1, c, tf_bf16::Load(g[i]), i, p, k);
+                       }
+                     });
+  }
+};
+
 // Sparse updates run over groups of equal indices in parallel; within a
 // group, positions are applied in their original order.
 template <typename RowBody>
@@ -670,6 +689,55 @@ class ApplyAdamOp : public OpKernel {
   Rounding rounding_;
 };
 
+template <typename T, typename G>
+class ApplyLionOp : public OpKernel {
+ public:
+  explicit ApplyLionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ParseRounding(ctx, &rounding_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const DataType dtype = DataTypeToEnum<T>::v();
+    RandomStream stream;
+    OP_REQUIRES_OK(ctx, ReadRandomStream(ctx, &stream));
+    LockedVariables vars;
+    int num_compensation;
+    OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
+    OP_REQUIRES_OK(ctx, vars.Add(ctx, "m"));
+    OP_REQUIRES_OK(ctx, vars.Add(ctx, "compensation", &num_compensation));
+    OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
+    tf_bf16::LionScalars p;
+    OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "lr", &p.lr, /*non_negative=*/true));
+    OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "beta1", &p.beta1));
+    OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "beta2", &p.beta2));
+    OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "weight_decay", &p.weight_decay));
+    p.one_minus_beta1 = 1.0f - p.beta1;
+    p.one_minus_beta2 = 1.0f - p.beta2;
+    p.use_weight_decay = p.weight_decay != 0.0f;
+    vars.LockAll();
+    OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
+    const TensorShape shape = vars.Get("var")->shape();
+    OP_REQUIRES_OK(ctx, vars.Check("m", dtype, &shape));
+    OP_REQUIRES_OK(ctx, vars.Check("compensation", DT_BFLOAT16, &shape));
+    const Tensor* grad;
+    OP_REQUIRES_OK(ctx, ctx->input("grad", &grad));
+    OP_REQUIRES_OK(ctx, CheckGradient(*grad, shape));
+    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate(ctx));
+
+    const auto keys = tf_bf16::MakeStreamKeys(stream.seed, stream.step, stream.var_id);
+    DispatchRounding(rounding_, [&](auto r) {
+      functor::Bf16ApplyLion<CPUDevice, decltype(r)::value, typename StorageOf<T>::type,
+                             typename StorageOf<G>::type>()(
+          ctx->eigen_cpu_device(), StoragePtr<T>(vars.Get("var")),
+          StoragePtr<T>(vars.Get("m")), CompensationPtr(vars), StoragePtr<G>(*grad),
+          shape.num_elements(), p, keys);
+    });
+  }
+
+ private:
+  Rounding rounding_;
+};
+
 template <typename T, typename G, typename Index>
 class SparseApplySgdOp : public OpKernel {
  public:
@@ -811,7 +879,12 @@ REGISTER_KERNEL_BUILDER(Name("TfBf16>StochasticRound").Device(DEVICE_CPU),
                               .Device(DEVICE_CPU)                                 \
                               .TypeConstraint<T>("T")                             \
                               .TypeConstraint<G>("Tgrad"),                        \
-                          ApplyAdamOp<T, G>);
+                          ApplyAdamOp<T, G>);                                     \
+  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceApplyLion")                        \
+                              .Device(DEVICE_CPU)                                 \
+                              .TypeConstraint<T>("T")                             \
+                              .TypeConstraint<G>("Tgrad"),                        \
+                          ApplyLionOp<T, G>);
 
 #define REGISTER_SPARSE_KERNELS(T, G, Index)                                      \
   REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceSparseApplySgd")                   \

@@ -41,6 +41,13 @@ struct Bf16ApplyAdam {
                   const tf_bf16::StreamKeys& keys);
 };
 
+template <typename Device, tf_bf16::Rounding R, typename S, typename G>
+struct Bf16ApplyLion {
+  void operator()(const Device& d, S* var, S* m, uint16_t* compensation, const G* grad,
+                  int64_t n, const tf_bf16::LionScalars& scalars,
+                  const tf_bf16::StreamKeys& keys);
+};
+
 // Sparse updates touch rows indices[k] of a [rows, row_size] view of the
 // variable; `grad` is [num_indices, row_size]. Duplicate indices are applied
 // in order; `order` lists the positions 0..num_indices-1 stably sorted by

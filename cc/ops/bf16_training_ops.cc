@@ -133,6 +133,32 @@ alpha = lr * sqrt(1 - beta2_power) / (1 - beta1_power) in float32, and
 decoupled weight decay var -= var * weight_decay * lr folded in.
 )doc");
 
+REGISTER_OP("TfBf16>ResourceApplyLion")
+    .Input("var: resource")
+    .Input("m: resource")
+    .Input("compensation: num_compensation * resource")
+    .Input("lr: float")
+    .Input("beta1: float")
+    .Input("beta2: float")
+    .Input("weight_decay: float")
+    .Input("grad: Tgrad")
+    .Input("seed: int64")
+    .Input("step: int64")
+    .Input("var_id: int64")
+    .Attr("T: {float, bfloat16}")
+    .Attr("Tgrad: {float, bfloat16}")
+    .Attr("num_compensation: int >= 0")
+    .Attr("rounding: {'nearest', 'stochastic', 'kahan'}")
+    .SetShapeFn([](InferenceContext* c) {
+      return ScalarInputs(c, {"lr", "beta1", "beta2", "weight_decay", "seed", "step",
+                              "var_id"});
+    })
+    .Doc(R"doc(
+Fused Lion step (Chen et al. 2023), in place, one pass:
+var -= lr * sign(m * beta1 + grad * (1 - beta1)); m = m * beta2 + grad * (1 - beta2),
+with decoupled weight decay var -= var * weight_decay * lr folded in.
+)doc");
+
 REGISTER_OP("TfBf16>ResourceSparseApplySgd")
     .Input("var: resource")
     .Input("accum: num_accum * resource")
