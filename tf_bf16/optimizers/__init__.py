@@ -6,6 +6,7 @@ Drop-in replacements for their Keras namesakes with two more arguments,
 
 from tf_bf16.optimizers.adam import Adam
 from tf_bf16.optimizers.adamw import AdamW
+from tf_bf16.optimizers.lion import Lion
 from tf_bf16.optimizers.sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "Lion"]
