@@ -33,7 +33,10 @@ HEADERS = [
 ]
 # -ffp-contract=off: no fused multiply-add, so the float32 math rounds after
 # every operation exactly as the TensorFlow reference does (docs/rounding.md).
-CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno",
+# -fno-trapping-math: nothing here relies on floating-point traps; without it
+# GCC will not turn the branch-free selects into vector blends.
+CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-ffp-contract=off", "-fno-trapping-math",
+            "-fno-math-errno",
             "-Wno-sign-compare", "-Wno-ignored-attributes", "-Wno-deprecated-declarations"]
 
 _TF_QUERY = (

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -108,17 +109,24 @@ struct Bf16StochasticRound<CPUDevice> {
   }
 };
 
+// The loops below copy scalars and keys into locals and qualify pointers
+// __restrict__ so that the compiler can keep them in registers and vectorize;
+// the element functions are branch-free for the same reason.
+
 template <Rounding R, typename S, typename D>
 struct Bf16RoundedAssignAdd<CPUDevice, R, S, D> {
   void operator()(const CPUDevice& d, S* var, uint16_t* compensation, const D* delta,
                   int64_t n, const tf_bf16::StreamKeys& keys) {
-    ParallelElements(d, n, 2 * sizeof(S) + sizeof(D), 2 * sizeof(S), 16, keys,
-                     [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& k) {
+    const double state = sizeof(S) + (R == Rounding::kKahan ? 2 : 0);
+    ParallelElements(d, n, state + sizeof(D), state, 8, keys,
+                     [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
+                       const tf_bf16::LaneKeys k = lane_keys;
                        S* __restrict__ w = var;
                        uint16_t* __restrict__ c = compensation;
                        const D* __restrict__ dl = delta;
-                       for (int64_t i = begin; i < end; ++i) {
-                         tf_bf16::AssignAddElement<R>(w, c, tf_bf16::Load(dl[i]), i, k);
+                       uint32_t lo = static_cast<uint32_t>(begin);
+                       for (int64_t i = begin; i < end; ++i, ++lo) {
+                         tf_bf16::AssignAddElement<R>(w, c, tf_bf16::Load(dl[i]), i, lo, k);
                        }
                      });
   }
@@ -129,17 +137,29 @@ struct Bf16ApplySgd<CPUDevice, R, S, G> {
   void operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
                   const G* grad, int64_t n, const tf_bf16::SgdScalars& p,
                   const tf_bf16::StreamKeys& keys) {
-    const double state = sizeof(S) * (accum ? 2 : 1) + (compensation ? 2 : 0);
-    ParallelElements(d, n, state + sizeof(G), state, 24, keys,
-                     [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& k) {
-                       S* __restrict__ w = var;
-                       S* __restrict__ a = accum;
-                       uint16_t* __restrict__ c = compensation;
-                       const G* __restrict__ g = grad;
-                       for (int64_t i = begin; i < end; ++i) {
-                         tf_bf16::SgdElement<R>(w, a, c, tf_bf16::Load(g[i]), i, p, k);
-                       }
-                     });
+    const double state = sizeof(S) * (accum ? 2 : 1) + (R == Rounding::kKahan ? 2 : 0);
+    auto run = [&](auto use_momentum) {
+      constexpr bool kUseMomentum = decltype(use_momentum)::value;
+      ParallelElements(d, n, state + sizeof(G), state, 10, keys,
+                       [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
+                         const tf_bf16::LaneKeys k = lane_keys;
+                         const tf_bf16::SgdScalars sp = p;
+                         S* __restrict__ w = var;
+                         S* __restrict__ a = accum;
+                         uint16_t* __restrict__ c = compensation;
+                         const G* __restrict__ g = grad;
+                         uint32_t lo = static_cast<uint32_t>(begin);
+                         for (int64_t i = begin; i < end; ++i, ++lo) {
+                           tf_bf16::SgdElement<R, kUseMomentum>(w, a, c, tf_bf16::Load(g[i]),
+                                                                i, lo, sp, k);
+                         }
+                       });
+    };
+    if (accum) {
+      run(std::true_type());
+    } else {
+      run(std::false_type());
+    }
   }
 };
 
@@ -148,20 +168,31 @@ struct Bf16ApplyAdam<CPUDevice, R, S, G> {
   void operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
                   const G* grad, int64_t n, const tf_bf16::AdamScalars& p,
                   const tf_bf16::StreamKeys& keys) {
-    const double state = sizeof(S) * (vhat ? 4 : 3) + (compensation ? 2 : 0);
-    ParallelElements(d, n, state + sizeof(G), state, 40, keys,
-                     [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& k) {
-                       S* __restrict__ w = var;
-                       S* __restrict__ m1 = m;
-                       S* __restrict__ m2 = v;
-                       S* __restrict__ mx = vhat;
-                       uint16_t* __restrict__ c = compensation;
-                       const G* __restrict__ g = grad;
-                       for (int64_t i = begin; i < end; ++i) {
-                         tf_bf16::AdamElement<R>(w, m1, m2, mx, c, tf_bf16::Load(g[i]), i, p,
-                                                 k);
-                       }
-                     });
+    const double state = sizeof(S) * (vhat ? 4 : 3) + (R == Rounding::kKahan ? 2 : 0);
+    auto run = [&](auto amsgrad) {
+      constexpr bool kAmsgrad = decltype(amsgrad)::value;
+      ParallelElements(d, n, state + sizeof(G), state, 20, keys,
+                       [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
+                         const tf_bf16::LaneKeys k = lane_keys;
+                         const tf_bf16::AdamScalars sp = p;
+                         S* __restrict__ w = var;
+                         S* __restrict__ m1 = m;
+                         S* __restrict__ m2 = v;
+                         S* __restrict__ mx = vhat;
+                         uint16_t* __restrict__ c = compensation;
+                         const G* __restrict__ g = grad;
+                         uint32_t lo = static_cast<uint32_t>(begin);
+                         for (int64_t i = begin; i < end; ++i, ++lo) {
+                           tf_bf16::AdamElement<R, kAmsgrad>(w, m1, m2, mx, c,
+                                                             tf_bf16::Load(g[i]), i, lo, sp, k);
+                         }
+                       });
+    };
+    if (vhat) {
+      run(std::true_type());
+    } else {
+      run(std::false_type());
+    }
   }
 };
 
@@ -170,22 +201,27 @@ struct Bf16ApplyLion<CPUDevice, R, S, G> {
   void operator()(const CPUDevice& d, S* var, S* m, uint16_t* compensation, const G* grad,
                   int64_t n, const tf_bf16::LionScalars& p,
                   const tf_bf16::StreamKeys& keys) {
-    const double state = sizeof(S) * 2 + (compensation ? 2 : 0);
-    ParallelElements(d, n, state + sizeof(G), state, 24, keys,
-                     [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& k) {
+    const double state = sizeof(S) * 2 + (R == Rounding::kKahan ? 2 : 0);
+    ParallelElements(d, n, state + sizeof(G), state, 10, keys,
+                     [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
+                       const tf_bf16::LaneKeys k = lane_keys;
+                       const tf_bf16::LionScalars sp = p;
                        S* __restrict__ w = var;
                        S* __restrict__ m1 = m;
                        uint16_t* __restrict__ c = compensation;
                        const G* __restrict__ g = grad;
-                       for (int64_t i = begin; i < end; ++i) {
-                         tf_bf16::LionElement<R>(w, m1, c, tf_bf16::Load(g[i]), i, p, k);
+                       uint32_t lo = static_cast<uint32_t>(begin);
+                       for (int64_t i = begin; i < end; ++i, ++lo) {
+                         tf_bf16::LionElement<R>(w, m1, c, tf_bf16::Load(g[i]), i, lo, sp, k);
                        }
                      });
   }
 };
 
 // Sparse updates run over groups of equal indices in parallel; within a
-// group, positions are applied in their original order.
+// group, positions are applied in their original order. row_body(first, k,
+// lane_keys_for(i)) updates the row starting at flat element `first` with
+// gradient row k.
 template <typename RowBody>
 void ParallelRowGroups(const CPUDevice& d, int64_t num_groups, int64_t row_size,
                        double bytes_per_element, const RowBody& row_body) {
@@ -200,25 +236,53 @@ void ParallelRowGroups(const CPUDevice& d, int64_t num_groups, int64_t row_size,
                 run);
 }
 
+// Calls element(i, j, lane_keys) for the row's elements i = first + j, with
+// the lane keys of i's 2^32-element block (computed once per row unless the
+// row straddles a block boundary).
+template <typename Element>
+void ForRowElements(int64_t first, int64_t row_size, const tf_bf16::StreamKeys& keys,
+                    const Element& element) {
+  if (row_size <= 0) return;
+  const uint64_t high_first = static_cast<uint64_t>(first) >> 32;
+  const uint64_t high_last = static_cast<uint64_t>(first + row_size - 1) >> 32;
+  if (high_first == high_last) {
+    const tf_bf16::LaneKeys k = keys.ForBlock(static_cast<uint32_t>(high_first));
+    for (int64_t j = 0; j < row_size; ++j) element(first + j, j, k);
+  } else {
+    for (int64_t j = 0; j < row_size; ++j) {
+      const int64_t i = first + j;
+      element(i, j, keys.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32)));
+    }
+  }
+}
+
 template <Rounding R, typename S, typename G, typename Index>
 struct Bf16SparseApplySgd<CPUDevice, R, S, G, Index> {
   void operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
                   const G* grad, const Index* indices, const int64_t* order,
                   const int64_t* group_starts, int64_t num_groups, int64_t row_size,
                   const tf_bf16::SgdScalars& p, const tf_bf16::StreamKeys& keys) {
-    ParallelRowGroups(d, num_groups, row_size, 3 * sizeof(S), [&](int64_t group) {
-      for (int64_t pos = group_starts[group]; pos < group_starts[group + 1]; ++pos) {
-        const int64_t k = order[pos];
-        const int64_t first = static_cast<int64_t>(indices[k]) * row_size;
-        const G* g = grad + k * row_size;
-        for (int64_t j = 0; j < row_size; ++j) {
-          const int64_t i = first + j;
-          tf_bf16::SgdElement<R>(var, accum, compensation, tf_bf16::Load(g[j]), i, p,
-                                 keys.ForBlock(static_cast<uint32_t>(
-                                     static_cast<uint64_t>(i) >> 32)));
+    auto run = [&](auto use_momentum) {
+      constexpr bool kUseMomentum = decltype(use_momentum)::value;
+      ParallelRowGroups(d, num_groups, row_size, 3 * sizeof(S), [&](int64_t group) {
+        const tf_bf16::SgdScalars sp = p;
+        for (int64_t pos = group_starts[group]; pos < group_starts[group + 1]; ++pos) {
+          const int64_t k = order[pos];
+          const G* g = grad + k * row_size;
+          ForRowElements(static_cast<int64_t>(indices[k]) * row_size, row_size, keys,
+                         [&](int64_t i, int64_t j, const tf_bf16::LaneKeys& lane_keys) {
+                           tf_bf16::SgdElement<R, kUseMomentum>(
+                               var, accum, compensation, tf_bf16::Load(g[j]), i,
+                               static_cast<uint32_t>(i), sp, lane_keys);
+                         });
         }
-      }
-    });
+      });
+    };
+    if (accum) {
+      run(std::true_type());
+    } else {
+      run(std::false_type());
+    }
   }
 };
 
@@ -228,19 +292,28 @@ struct Bf16SparseApplyAdam<CPUDevice, R, S, G, Index> {
                   const G* grad, const Index* indices, const int64_t* order,
                   const int64_t* group_starts, int64_t num_groups, int64_t row_size,
                   const tf_bf16::AdamScalars& p, const tf_bf16::StreamKeys& keys) {
-    ParallelRowGroups(d, num_groups, row_size, 4 * sizeof(S), [&](int64_t group) {
-      for (int64_t pos = group_starts[group]; pos < group_starts[group + 1]; ++pos) {
-        const int64_t k = order[pos];
-        const int64_t first = static_cast<int64_t>(indices[k]) * row_size;
-        const G* g = grad + k * row_size;
-        for (int64_t j = 0; j < row_size; ++j) {
-          const int64_t i = first + j;
-          tf_bf16::AdamElement<R>(var, m, v, vhat, compensation, tf_bf16::Load(g[j]), i, p,
-                                  keys.ForBlock(static_cast<uint32_t>(
-                                      static_cast<uint64_t>(i) >> 32)));
+    auto run = [&](auto amsgrad) {
+      constexpr bool kAmsgrad = decltype(amsgrad)::value;
+      ParallelRowGroups(d, num_groups, row_size, 4 * sizeof(S), [&](int64_t group) {
+        const tf_bf16::AdamScalars sp = p;
+        for (int64_t pos = group_starts[group]; pos < group_starts[group + 1]; ++pos) {
+          const int64_t k = order[pos];
+          const G* g = grad + k * row_size;
+          ForRowElements(static_cast<int64_t>(indices[k]) * row_size, row_size, keys,
+                         [&](int64_t i, int64_t j, const tf_bf16::LaneKeys& lane_keys) {
+                           tf_bf16::AdamElement<R, kAmsgrad>(var, m, v, vhat, compensation,
+                                                             tf_bf16::Load(g[j]), i,
+                                                             static_cast<uint32_t>(i), sp,
+                                                             lane_keys);
+                         });
         }
-      }
-    });
+      });
+    };
+    if (vhat) {
+      run(std::true_type());
+    } else {
+      run(std::false_type());
+    }
   }
 };
 
@@ -558,8 +631,8 @@ absl::Status ReadSgdScalars(OpKernelContext* ctx, bool use_momentum, bool use_ne
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "momentum", &p->momentum));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "weight_decay", &p->weight_decay));
   p->use_momentum = use_momentum;
-  p->use_nesterov = use_nesterov;
-  p->use_weight_decay = p->weight_decay != 0.0f;
+  p->nesterov_mask = tf_bf16::MaskOf(use_nesterov);
+  p->weight_decay_mask = tf_bf16::MaskOf(p->weight_decay != 0.0f);
   if (use_nesterov && !use_momentum) {
     return errors::InvalidArgument(
         "use_nesterov=True needs a momentum accumulator ('accum').");
@@ -585,7 +658,7 @@ absl::Status ReadAdamScalars(OpKernelContext* ctx, bool amsgrad, tf_bf16::AdamSc
   p->alpha = p->lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power);
   p->one_minus_beta1 = 1.0f - beta1;
   p->one_minus_beta2 = 1.0f - beta2;
-  p->use_weight_decay = p->weight_decay != 0.0f;
+  p->weight_decay_mask = tf_bf16::MaskOf(p->weight_decay != 0.0f);
   p->amsgrad = amsgrad;
   return absl::OkStatus();
 }
@@ -713,7 +786,7 @@ class ApplyLionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "weight_decay", &p.weight_decay));
     p.one_minus_beta1 = 1.0f - p.beta1;
     p.one_minus_beta2 = 1.0f - p.beta2;
-    p.use_weight_decay = p.weight_decay != 0.0f;
+    p.weight_decay_mask = tf_bf16::MaskOf(p.weight_decay != 0.0f);
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();

@@ -73,6 +73,23 @@ TF_BF16_HOST_DEVICE bool BitsAreNan(uint32_t u) {
 constexpr uint16_t kCanonicalNanBf16 = 0x7FC0u;
 constexpr uint32_t kCanonicalNanFloat = 0x7FC00000u;
 
+// rounded, or the canonical NaN if u is a NaN. Written as a mask rather than
+// a ?: so the compiler cannot sink the random-bit computation into a branch,
+// which stops the loops from vectorizing.
+TF_BF16_HOST_DEVICE uint16_t SelectNan(uint32_t u, uint32_t rounded) {
+  const uint32_t nan_mask = 0u - static_cast<uint32_t>(BitsAreNan(u));
+  return static_cast<uint16_t>((rounded & ~nan_mask) | (kCanonicalNanBf16 & nan_mask));
+}
+
+// if_set where mask is all ones, if_clear where it is zero. For choices that
+// are constant over a loop (Nesterov, weight decay): unlike a ?: on a bool,
+// this bit select vectorizes.
+TF_BF16_HOST_DEVICE float SelectByMask(uint32_t mask, float if_set, float if_clear) {
+  return BitsToFloat((FloatToBits(if_set) & mask) | (FloatToBits(if_clear) & ~mask));
+}
+
+TF_BF16_HOST_DEVICE uint32_t MaskOf(bool flag) { return 0u - static_cast<uint32_t>(flag); }
+
 TF_BF16_HOST_DEVICE float CanonicalizeNan(float x) {
   return x != x ? BitsToFloat(kCanonicalNanFloat) : x;
 }
@@ -81,7 +98,16 @@ TF_BF16_HOST_DEVICE float CanonicalizeNan(float x) {
 TF_BF16_HOST_DEVICE uint16_t RoundNearestToBf16(float x) {
   const uint32_t u = FloatToBits(x);
   const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return BitsAreNan(u) ? kCanonicalNanBf16 : static_cast<uint16_t>(rounded);
+  return SelectNan(u, rounded);
+}
+
+// RoundNearestToBf16 widened back to float32, without narrowing to 16 bits in
+// between (narrowing and widening are the expensive part in vector code).
+TF_BF16_HOST_DEVICE float RoundNearestInFloat(float x) {
+  const uint32_t u = FloatToBits(x);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  const uint32_t nan_mask = 0u - static_cast<uint32_t>(BitsAreNan(u));
+  return BitsToFloat((rounded & ~nan_mask) | ((uint32_t{kCanonicalNanBf16} << 16) & nan_mask));
 }
 
 // Stochastic rounding: adding a uniform 16-bit integer to the 16 bits that
@@ -93,7 +119,7 @@ TF_BF16_HOST_DEVICE uint16_t RoundNearestToBf16(float x) {
 TF_BF16_HOST_DEVICE uint16_t RoundStochasticToBf16(float x, uint32_t random16) {
   const uint32_t u = FloatToBits(x);
   const uint32_t rounded = (u + random16) >> 16;
-  return BitsAreNan(u) ? kCanonicalNanBf16 : static_cast<uint16_t>(rounded);
+  return SelectNan(u, rounded);
 }
 
 // Chris Wellons' "lowbias32" integer hash: a bijection on 32 bits with two
@@ -166,13 +192,13 @@ TF_BF16_HOST_DEVICE void StoreState(float value, uint16_t* out, uint32_t block_k
 // rounding to bf16 equals the correctly rounded bf16 result.
 TF_BF16_HOST_DEVICE void KahanAdd(float weight, float delta, uint16_t* weight_out,
                                   uint16_t* compensation) {
-  const float update = Bf16ToFloat(RoundNearestToBf16(delta));
+  const float update = RoundNearestInFloat(delta);
   const float comp = Bf16ToFloat(*compensation);
-  const float y = Bf16ToFloat(RoundNearestToBf16(update - comp));
-  const float s = Bf16ToFloat(RoundNearestToBf16(weight + y));
-  const float s_minus_w = Bf16ToFloat(RoundNearestToBf16(s - weight));
+  const float y = RoundNearestInFloat(update - comp);
+  const float s = RoundNearestInFloat(weight + y);
+  const float s_minus_w = RoundNearestInFloat(s - weight);
   *compensation = RoundNearestToBf16(s_minus_w - y);
-  *weight_out = RoundNearestToBf16(s);
+  *weight_out = static_cast<uint16_t>(FloatToBits(s) >> 16);
 }
 
 // Commits weight + delta. float weights: exact float32 add. bf16 weights:
@@ -234,8 +260,8 @@ struct SgdScalars {
   float momentum;
   float weight_decay;
   bool use_momentum;
-  bool use_nesterov;
-  bool use_weight_decay;  // weight_decay != 0; 0 * Inf must not reach the weight
+  uint32_t nesterov_mask;      // MaskOf(use_nesterov)
+  uint32_t weight_decay_mask;  // MaskOf(weight_decay != 0): 0 * Inf must not reach w
 };
 
 struct AdamScalars {
@@ -245,7 +271,7 @@ struct AdamScalars {
   float one_minus_beta2;
   float epsilon;
   float weight_decay;
-  bool use_weight_decay;
+  uint32_t weight_decay_mask;  // MaskOf(weight_decay != 0)
   bool amsgrad;
 };
 
@@ -256,37 +282,53 @@ struct LionScalars {
   float beta2;
   float one_minus_beta2;
   float weight_decay;
-  bool use_weight_decay;
+  uint32_t weight_decay_mask;  // MaskOf(weight_decay != 0)
 };
 
 // Decoupled weight decay as Keras applies it: w - (w * wd) * lr, folded into
-// the delta so the weight is rounded once.
-TF_BF16_HOST_DEVICE float DecayedDelta(float delta, float weight, float weight_decay,
-                                       float lr) {
-  return delta - (weight * weight_decay) * lr;
+// the delta so the weight is rounded once. Skipped when weight_decay == 0
+// (0 * Inf must not reach the weight) by a mask select, so loops vectorize.
+TF_BF16_HOST_DEVICE float MaybeDecayedDelta(uint32_t weight_decay_mask, float delta,
+                                            float weight, float weight_decay, float lr) {
+  const float decayed = delta - (weight * weight_decay) * lr;
+  return SelectByMask(weight_decay_mask, decayed, delta);
 }
 
-// `i` is the element's flat index in the variable (it keys the random bits and
-// addresses every state tensor); `g` is its gradient, already loaded, because
-// sparse updates read gradients at other positions.
-template <Rounding R, typename S>
+// The element functions below are called in loops over millions of elements.
+// What is constant over a call and changes which tensors are touched (a
+// momentum accumulator, AMSGrad's maximum, the Kahan buffer through R) is a
+// template parameter; what only changes arithmetic (Nesterov, weight decay)
+// is a select. Both keep the CPU loops free of control flow, so they
+// vectorize.
+//
+// `i` is the element's flat index in the variable (it addresses every state
+// tensor) and `lo` its low 32 bits (which key the random bits; passed
+// separately so loops keep a 32-bit induction variable, which vectorizes);
+// `g` is its gradient, already loaded, because sparse updates read gradients
+// at other positions.
+
+template <Rounding R>
+TF_BF16_HOST_DEVICE uint16_t* KahanBuffer(uint16_t* compensation, int64_t i) {
+  return R == Rounding::kKahan ? compensation + i : nullptr;
+}
+
+template <Rounding R, bool kUseMomentum, typename S>
 TF_BF16_HOST_DEVICE void SgdElement(S* var, S* accum, uint16_t* compensation, float g,
-                                    int64_t i, const SgdScalars& p,
+                                    int64_t i, uint32_t lo, const SgdScalars& p,
                                     const LaneKeys& keys) {
-  const uint32_t lo = static_cast<uint32_t>(i);
   const float w = Load(var[i]);
   float step;
-  if (p.use_momentum) {
+  if (kUseMomentum) {
     const float a = Load(accum[i]) * p.momentum + g;
     StoreState<R>(a, &accum[i], keys.first_slot, lo);
-    step = p.use_nesterov ? g * p.lr + (a * p.momentum) * p.lr : a * p.lr;
+    const float nesterov_step = g * p.lr + (a * p.momentum) * p.lr;
+    const float plain_step = a * p.lr;
+    step = SelectByMask(p.nesterov_mask, nesterov_step, plain_step);
   } else {
     step = g * p.lr;
   }
-  float delta = -step;
-  if (p.use_weight_decay) delta = DecayedDelta(delta, w, p.weight_decay, p.lr);
-  CommitWeight<R>(w, delta, &var[i], compensation ? &compensation[i] : nullptr,
-                  keys.weight, lo);
+  const float delta = MaybeDecayedDelta(p.weight_decay_mask, -step, w, p.weight_decay, p.lr);
+  CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight, lo);
 }
 
 // NaN-propagating maximum: a NaN second moment must not be hidden by AMSGrad.
@@ -294,11 +336,10 @@ TF_BF16_HOST_DEVICE float NanMax(float running_max, float value) {
   return (value != value || value > running_max) ? value : running_max;
 }
 
-template <Rounding R, typename S>
+template <Rounding R, bool kAmsgrad, typename S>
 TF_BF16_HOST_DEVICE void AdamElement(S* var, S* m, S* v, S* vhat, uint16_t* compensation,
-                                     float g, int64_t i, const AdamScalars& p,
+                                     float g, int64_t i, uint32_t lo, const AdamScalars& p,
                                      const LaneKeys& keys) {
-  const uint32_t lo = static_cast<uint32_t>(i);
   const float w = Load(var[i]);
   const float m_old = Load(m[i]);
   const float v_old = Load(v[i]);
@@ -307,14 +348,13 @@ TF_BF16_HOST_DEVICE void AdamElement(S* var, S* m, S* v, S* vhat, uint16_t* comp
   StoreState<R>(m_new, &m[i], keys.first_slot, lo);
   StoreState<R>(v_new, &v[i], keys.second_slot, lo);
   float v_used = v_new;
-  if (p.amsgrad) {
+  if (kAmsgrad) {
     v_used = NanMax(Load(vhat[i]), v_new);
     StoreState<R>(v_used, &vhat[i], keys.max_slot, lo);
   }
-  float delta = -((m_new * p.alpha) / (sqrtf(v_used) + p.epsilon));
-  if (p.use_weight_decay) delta = DecayedDelta(delta, w, p.weight_decay, p.lr);
-  CommitWeight<R>(w, delta, &var[i], compensation ? &compensation[i] : nullptr,
-                  keys.weight, lo);
+  const float step = (m_new * p.alpha) / (sqrtf(v_used) + p.epsilon);
+  const float delta = MaybeDecayedDelta(p.weight_decay_mask, -step, w, p.weight_decay, p.lr);
+  CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight, lo);
 }
 
 // sign() that keeps NaN: a NaN moment must reach the weight, not become 0.
@@ -326,26 +366,23 @@ TF_BF16_HOST_DEVICE float SignKeepNan(float x) {
 // interpolation of momentum and gradient; the momentum is an EMA.
 template <Rounding R, typename S>
 TF_BF16_HOST_DEVICE void LionElement(S* var, S* m, uint16_t* compensation, float g,
-                                     int64_t i, const LionScalars& p,
+                                     int64_t i, uint32_t lo, const LionScalars& p,
                                      const LaneKeys& keys) {
-  const uint32_t lo = static_cast<uint32_t>(i);
   const float w = Load(var[i]);
   const float m_old = Load(m[i]);
   const float c = m_old * p.beta1 + g * p.one_minus_beta1;
   const float m_new = m_old * p.beta2 + g * p.one_minus_beta2;
   StoreState<R>(m_new, &m[i], keys.first_slot, lo);
-  float delta = -(p.lr * SignKeepNan(c));
-  if (p.use_weight_decay) delta = DecayedDelta(delta, w, p.weight_decay, p.lr);
-  CommitWeight<R>(w, delta, &var[i], compensation ? &compensation[i] : nullptr,
-                  keys.weight, lo);
+  const float delta =
+      MaybeDecayedDelta(p.weight_decay_mask, -(p.lr * SignKeepNan(c)), w, p.weight_decay, p.lr);
+  CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight, lo);
 }
 
 template <Rounding R, typename S>
 TF_BF16_HOST_DEVICE void AssignAddElement(S* var, uint16_t* compensation, float delta,
-                                          int64_t i, const LaneKeys& keys) {
-  CommitWeight<R>(Load(var[i]), delta, &var[i],
-                  compensation ? &compensation[i] : nullptr, keys.weight,
-                  static_cast<uint32_t>(i));
+                                          int64_t i, uint32_t lo, const LaneKeys& keys) {
+  CommitWeight<R>(Load(var[i]), delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight,
+                  lo);
 }
 
 }  // namespace tf_bf16
