@@ -22,3 +22,4 @@ from tf_bf16.policy import keep_float32  # noqa: E402,F401
 from tf_bf16.policy import prepare_model  # noqa: E402,F401
 from tf_bf16.policy import reset_policy  # noqa: E402,F401
 from tf_bf16.policy import set_policy  # noqa: E402,F401
+from tf_bf16.audit import audit  # noqa: E402,F401

@@ -1,0 +1,309 @@
+"""tf_bf16.audit: variables, bytes per parameter, float32 ops of the step, the bf16 loss."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_bf16
+from tf_bf16.audit import audit as audit_function
+from tf_bf16.audit import BFloat16SoftmaxCrossEntropy
+from tf_bf16.audit import bf16_loss
+from tf_bf16.audit import softmax_cross_entropy_bf16
+
+# bf16's unit roundoff: half the spacing just above 1.0.
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+@pytest.fixture(autouse=True)
+def float32_policy_afterwards():
+    """Every test leaves Keras in its default float32 policy, tf_bf16 policy off."""
+    yield
+    tf_bf16.reset_policy()
+    keras.config.set_dtype_policy("float32")
+
+
+def small_cnn(layer_norm=False, name="cnn"):
+    """Conv -> BatchNormalization -> ReLU -> Flatten [-> LayerNormalization] -> Dense logits."""
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Conv2D(4, 3)(inputs)
+    hidden = keras.layers.BatchNormalization()(hidden)
+    hidden = keras.layers.ReLU()(hidden)
+    hidden = keras.layers.Flatten()(hidden)
+    if layer_norm:
+        hidden = keras.layers.LayerNormalization()(hidden)
+    outputs = keras.layers.Dense(10)(hidden)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def sparse_logits_loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+# ---------------------------------------------------------------------------
+# Training-state bytes per parameter
+
+
+@pytest.mark.parametrize("make_optimizer, expected_bytes", [
+    (lambda: tf_bf16.optimizers.SGD(0.1, momentum=0.9, rounding="stochastic"), 4.0),
+    (lambda: tf_bf16.optimizers.SGD(0.1, momentum=0.9, rounding="kahan"), 6.0),
+    (lambda: tf_bf16.optimizers.Adam(rounding="stochastic"), 6.0),
+    (lambda: tf_bf16.optimizers.Adam(rounding="kahan"), 8.0),
+], ids=["sgd-momentum-stochastic", "sgd-momentum-kahan", "adam-stochastic", "adam-kahan"])
+def test_bytes_per_parameter_of_pure_bf16_training(make_optimizer, expected_bytes):
+    tf_bf16.set_policy()
+    model = small_cnn()
+    optimizer = make_optimizer()
+
+    report = audit_function(model, optimizer=optimizer, trace=False)
+
+    assert report.bytes_per_parameter == expected_bytes
+    trainable = report.variables_with_role("trainable weight")
+    assert {row.dtype for row in trainable} == {"bfloat16"}
+    assert report.training_state.trainable_parameters == model.count_params() - 8  # BN stats
+    kahan = report.variables_with_role("kahan buffer")
+    assert len(kahan) == (len(trainable) if optimizer.rounding == "kahan" else 0)
+    # The counter and the learning rate are bookkeeping, not per-parameter state.
+    bookkeeping = {row.path for row in report.variables_with_role("bookkeeping")}
+    assert {optimizer.iterations.path, optimizer._learning_rate.path} <= bookkeeping
+
+
+def test_mixed_bfloat16_with_keras_adam_is_12_bytes_and_float32_work():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = small_cnn()
+
+    report = audit_function(model, optimizer=keras.optimizers.Adam(), loss=sparse_logits_loss())
+
+    assert report.bytes_per_parameter == 12.0
+    assert {row.dtype for row in report.variables_with_role("optimizer slot")} == {"float32"}
+    # Keras's Adam updates the float32 master weights with float32 ops.
+    update_elements = sum(row.elements for row in report.float_ops_of(kind="optimizer")
+                          if not row.scalar_only)
+    assert update_elements > report.training_state.trainable_parameters
+    state_fix = [fix for fix in report.fixes if fix.finding.startswith("float32/float64 per")]
+    assert state_fix and state_fix[0].sound == "yes" and "set_policy" in state_fix[0].how
+
+
+# ---------------------------------------------------------------------------
+# The traced step of a pure-bf16 model (one trace, inspected by several tests)
+
+
+@pytest.fixture(scope="module")
+def bf16_cnn():
+    """(report, model): Conv+BN+LN+Dense under the policy, tf_bf16 Adam with Kahan."""
+    tf_bf16.set_policy()
+    try:
+        model = small_cnn(layer_norm=True)
+        model.compile(tf_bf16.optimizers.Adam(rounding="kahan", seed=1),
+                      loss=sparse_logits_loss(), metrics=["accuracy"])
+        report = audit_function(model)
+    finally:
+        tf_bf16.reset_policy()
+    return report, model
+
+
+def test_batch_norm_moving_statistics_are_non_trainable_statistics(bf16_cnn):
+    report, _ = bf16_cnn
+    statistics = report.variables_with_role("non-trainable statistic")
+    assert sorted(row.path.split("/")[-1] for row in statistics) == [
+        "moving_mean", "moving_variance"]
+    assert {(row.owner_class, row.dtype) for row in statistics} == {
+        ("BatchNormalization", "bfloat16")}
+    metrics = report.variables_with_role("metric")
+    assert {row.owner for row in metrics} == {"loss", "accuracy"}
+
+
+def test_normalization_layers_and_loss_are_the_float32_work(bf16_cnn):
+    report, _ = bf16_cnn
+    upcasting_layers = {(row.group_class, row.phase) for row in report.upcasts
+                        if row.kind == "layer"}
+    assert {("BatchNormalization", "forward"), ("BatchNormalization", "backward"),
+            ("LayerNormalization", "forward"), ("LayerNormalization", "backward")
+            } <= upcasting_layers
+    # The loss upcasts the bf16 logits and computes softmax cross-entropy in float32.
+    loss_ops = {row.op_type for row in report.float_ops_of(kind="loss", phase="forward")}
+    assert {"Cast", "SparseSoftmaxCrossEntropyWithLogits"} <= loss_ops
+    # Conv2D, ReLU and Dense stay in bf16.
+    assert not report.float_ops_of(layer_class="Conv2D")
+    assert not report.float_ops_of(layer_class="Dense")
+    responsible = " ".join(report.responsible)
+    for culprit in ("BatchNormalization", "LayerNormalization",
+                    "SparseCategoricalCrossentropy"):
+        assert culprit in responsible
+    assert 0 < report.wide_percent < 100
+    assert report.wide_percent == round(
+        100 * report.wide_float_elements / report.float_elements, 2)
+    assert f"{report.wide_percent:.1f}%" in report.summary
+
+
+def test_bookkeeping_metrics_and_fused_updates_are_labelled_apart(bf16_cnn):
+    report, model = bf16_cnn
+    # Adam's bias correction is scalar float32 arithmetic: listed, flagged, not blamed.
+    optimizer_rows = report.float_ops_of(kind="optimizer")
+    assert optimizer_rows and all(row.scalar_only for row in optimizer_rows)
+    assert not any("adam" in culprit for culprit in report.responsible)
+    # Metric updates are their own phase and outside the percentage.
+    assert {row.phase for row in report.float_ops_of(kind="metric")} == {"metrics"}
+    assert report.metric_wide_float_elements > 0
+    fused = {row.op_type: row for row in report.fused_ops}
+    adam = fused["TfBf16>ResourceApplyAdam"]
+    assert (adam.rounding, adam.count) == ("kahan", len(model.trainable_variables))
+    assert adam.elements == report.training_state.trainable_parameters
+    assert "float32 registers, bf16 storage" in adam.description
+    # Under the policy, fit stores BN moving statistics with stochastic rounding.
+    assert fused["TfBf16>StochasticRound"].group_class == "BatchNormalization"
+
+
+def test_fixes_say_which_findings_have_a_sound_fix(bf16_cnn):
+    report, _ = bf16_cnn
+    verdict = {fix.group: fix for fix in report.fixes}
+    batch_norm = next(f for f in report.fixes if f.finding.startswith("BatchNormalization"))
+    layer_norm = next(f for f in report.fixes if f.finding.startswith("LayerNormalization"))
+    assert batch_norm.sound == layer_norm.sound == "no"
+    assert "not sound" in layer_norm.how
+    loss = verdict["loss: sparse_categorical_crossentropy"]
+    assert loss.sound == "yes" and "bf16_loss" in loss.how
+    assert verdict["adam"].sound == "no"  # the fused update: float32 registers by design
+
+
+def test_report_prints_aligned_text_markdown_and_json(bf16_cnn):
+    report, _ = bf16_cnn
+    text = str(report)
+    for section in ("Variables (", "Training state:", "float32/float64 ops in the train step",
+                    "Upcasts to float32", "Fused tf_bf16 ops", "Fixes", "Summary:"):
+        assert section in text
+    assert "8.00 B/parameter" in text
+    # Aligned: every row of the variables table starts its dtype column at one offset.
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("path "))
+    dtype_column = lines[header].index("dtype")
+    for line in lines[header + 2:header + 2 + len(report.variables)]:
+        assert line[dtype_column:].split()[0] in ("bfloat16", "float32", "int64")
+
+    markdown = report.to_markdown()
+    assert "| path | owner | class | role | dtype | shape | bytes |" in markdown
+
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["training_state"]["bytes_per_parameter"] == 8.0
+    assert len(data["variables"]) == len(report.variables)
+    assert data["float_ops"][0].keys() >= {"group", "op_type", "count", "elements"}
+
+
+# ---------------------------------------------------------------------------
+# The fix: bf16 softmax cross-entropy
+
+
+def test_bf16_loss_removes_the_float32_loss_and_trains():
+    tf_bf16.set_policy()
+    model = small_cnn()
+    model.compile(tf_bf16.optimizers.Adam(rounding="stochastic", seed=3),
+                  loss=bf16_loss(sparse_logits_loss()))
+
+    report = audit_function(model)
+
+    loss_rows = report.float_ops_of(kind="loss")
+    # Left in float32: the scalar total that Keras casts to floatx, nothing else.
+    assert loss_rows and all(row.scalar_only for row in loss_rows)
+    assert [row.group for row in loss_rows] == ["loss: total"]
+    assert not any("loss" in culprit for culprit in report.responsible)
+
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype("float32")
+    y = np.arange(16) % 10
+    losses = [float(model.train_on_batch(x, y)) for _ in range(5)]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def _float64_reference(logits, labels):
+    shifted = logits - logits.max(-1, keepdims=True)
+    exps = np.exp(shifted)
+    total = exps.sum(-1, keepdims=True)
+    rows = np.arange(len(labels))
+    loss = np.log(total[:, 0]) - shifted[rows, labels]
+    gradient = exps / total
+    gradient[rows, labels] -= 1
+    return loss, gradient, -shifted
+
+
+def test_bf16_loss_gradient_keeps_relative_precision_where_plain_bf16_cancels():
+    rng = np.random.default_rng(0)
+    batch, classes = 256, 100
+    logits = rng.normal(size=(batch, classes)) * rng.choice([1, 3, 8], size=(batch, 1))
+    labels = rng.integers(0, classes, size=batch)
+    confident = rng.random(batch) < 0.5
+    logits[confident, labels[confident]] += rng.uniform(5, 20, size=confident.sum())
+    logits_bf16 = tf.constant(logits, tf.bfloat16)
+    exact_logits = tf.cast(logits_bf16, tf.float64).numpy()  # the bf16 values, exactly
+    loss_ref, gradient_ref, distance = _float64_reference(exact_logits, labels)
+    row_max_distance = distance.max(-1, keepdims=True)
+    rows = np.arange(batch)
+
+    with tf.GradientTape() as tape:
+        tape.watch(logits_bf16)
+        loss = softmax_cross_entropy_bf16(tf.constant(labels, tf.int32), logits_bf16)
+    gradient = tape.gradient(loss, logits_bf16)
+    assert loss.dtype == gradient.dtype == tf.bfloat16
+
+    loss = tf.cast(loss, tf.float64).numpy()
+    gradient = tf.cast(gradient, tf.float64).numpy()
+    # First-order bounds from the bf16_loss docstring, elementwise.
+    loss_error = np.abs(loss - loss_ref) / loss_ref
+    assert np.all(loss_error <= (row_max_distance[:, 0] + 5) * BF16_UNIT_ROUNDOFF)
+    gradient_error = np.abs(gradient - gradient_ref) / np.abs(gradient_ref)
+    bound = (distance + row_max_distance + 6) * BF16_UNIT_ROUNDOFF
+    assert np.all(gradient_error <= bound)
+    assert np.all(gradient[rows, labels] < 0)  # every example still pulls its label up
+
+    # Stock Keras in bf16: the label's gradient of confident examples is exactly 0.
+    plain = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None,
+                                                       dtype="bfloat16")
+    with tf.GradientTape() as tape:
+        tape.watch(logits_bf16)
+        plain_loss = plain(tf.constant(labels), logits_bf16)
+    plain_gradient = tf.cast(tape.gradient(plain_loss, logits_bf16), tf.float64).numpy()
+    lost = plain_gradient[rows, labels] == 0
+    assert lost.sum() > 10 and np.all(gradient_ref[rows, labels][lost] != 0)
+
+
+def test_bf16_loss_agrees_with_keras_for_sparse_and_one_hot_labels():
+    rng = np.random.default_rng(1)
+    logits = tf.constant(rng.normal(size=(32, 7)) * 3, tf.bfloat16)
+    labels = rng.integers(0, 7, size=32)
+    weights = rng.uniform(0.5, 2.0, size=32).astype("float32")
+    reference = float(sparse_logits_loss()(labels, tf.cast(logits, tf.float32), weights))
+
+    sparse = bf16_loss(sparse_logits_loss())
+    one_hot = bf16_loss(keras.losses.CategoricalCrossentropy(from_logits=True))
+    by_name = bf16_loss("sparse_categorical_crossentropy", from_logits=True)
+    assert isinstance(sparse, BFloat16SoftmaxCrossEntropy) and sparse.sparse
+    assert not one_hot.sparse and by_name.sparse
+    results = [sparse(labels[:, None], logits, weights),
+               one_hot(np.eye(7, dtype="float32")[labels], logits, weights),
+               by_name(labels.astype("float32"), logits, weights)]
+    for result in results:
+        assert result.dtype == tf.bfloat16
+        assert float(result) == pytest.approx(reference, rel=0.02)
+    # Serialisable like any Keras loss.
+    restored = keras.losses.deserialize(keras.losses.serialize(one_hot))
+    assert isinstance(restored, BFloat16SoftmaxCrossEntropy) and not restored.sparse
+
+
+def test_bf16_loss_refuses_what_has_no_sound_bf16_form():
+    with pytest.raises(ValueError, match="from_logits"):
+        bf16_loss(keras.losses.SparseCategoricalCrossentropy())  # probabilities
+    with pytest.raises(ValueError, match="label_smoothing"):
+        bf16_loss(keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1))
+    with pytest.raises(ValueError, match="from_logits"):
+        bf16_loss("categorical_crossentropy")
+    with pytest.raises(TypeError, match="representable"):
+        bf16_loss(keras.losses.MeanSquaredError())
+    # Soft targets are refused when the loss runs, not silently reinterpreted.
+    one_hot = bf16_loss(keras.losses.CategoricalCrossentropy(from_logits=True))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one-hot"):
+        one_hot(tf.constant([[0.7, 0.3]]), tf.constant([[1.0, 2.0]], tf.bfloat16))
+
+
+def test_audit_is_exported_with_its_fix():
+    assert tf_bf16.audit is audit_function
+    assert tf_bf16.audit.bf16_loss is bf16_loss
