@@ -57,8 +57,7 @@ def load():
                     "The tf_bf16 op library (_tf_bf16_ops*.so) was not found next to "
                     f"{__file__}" + (f" nor at {path}" if path else "") + ". "
                     + REBUILD_HINT)
-            if not os.environ.get(LIBRARY_ENV_VAR):
-                _check_built_for_this_tensorflow(path, tf.__version__)
+            _check_built_for_this_tensorflow(path, tf.__version__)
             try:
                 _LIBRARY = tf.load_op_library(path)
             except (tf.errors.NotFoundError, OSError) as e:

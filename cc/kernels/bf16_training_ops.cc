@@ -649,6 +649,12 @@ absl::Status ReadAdamScalars(OpKernelContext* ctx, bool amsgrad, tf_bf16::AdamSc
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta2", &beta2));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "epsilon", &p->epsilon, /*non_negative=*/true));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "weight_decay", &p->weight_decay));
+  if (!(beta1 >= 0.0f && beta1 < 1.0f) || !(beta2 >= 0.0f && beta2 < 1.0f)) {
+    return errors::InvalidArgument(
+        "Inputs 'beta1' and 'beta2' must be in [0, 1), got ", beta1, " and ", beta2,
+        " (beta 1 never updates the moment; beta > 1 diverges). The variables were not "
+        "updated.");
+  }
   if (beta1_power == 1.0f) {
     return errors::InvalidArgument(
         "Input 'beta1_power' is 1, which divides the bias correction by zero; pass "
@@ -784,6 +790,10 @@ class ApplyLionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "beta1", &p.beta1));
     OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "beta2", &p.beta2));
     OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "weight_decay", &p.weight_decay));
+    OP_REQUIRES(ctx, p.beta1 >= 0.0f && p.beta1 <= 1.0f && p.beta2 >= 0.0f && p.beta2 <= 1.0f,
+                errors::InvalidArgument("Inputs 'beta1' and 'beta2' must be in [0, 1], got ",
+                                        p.beta1, " and ", p.beta2,
+                                        ". The variables were not updated."));
     p.one_minus_beta1 = 1.0f - p.beta1;
     p.one_minus_beta2 = 1.0f - p.beta2;
     p.weight_decay_mask = tf_bf16::MaskOf(p.weight_decay != 0.0f);

@@ -332,8 +332,10 @@ TF_BF16_HOST_DEVICE void SgdElement(S* var, S* accum, uint16_t* compensation, fl
 }
 
 // NaN-propagating maximum: a NaN second moment must not be hidden by AMSGrad.
+// A bit select, so the compiler cannot turn it into a max instruction (which
+// would drop the NaN or, under denormal flushing, a subnormal running max).
 TF_BF16_HOST_DEVICE float NanMax(float running_max, float value) {
-  return (value != value || value > running_max) ? value : running_max;
+  return SelectByMask(MaskOf(value != value || value > running_max), value, running_max);
 }
 
 template <Rounding R, bool kAmsgrad, typename S>
@@ -357,9 +359,10 @@ TF_BF16_HOST_DEVICE void AdamElement(S* var, S* m, S* v, S* vhat, uint16_t* comp
   CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight, lo);
 }
 
-// sign() that keeps NaN: a NaN moment must reach the weight, not become 0.
+// tf.sign, as Keras's Lion uses it (sign(-0) = +0), except that NaN stays
+// NaN: a NaN moment must reach the weight, not become 0.
 TF_BF16_HOST_DEVICE float SignKeepNan(float x) {
-  return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x);
+  return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : (x != x ? x : 0.0f));
 }
 
 // Lion (Chen et al. 2023), Keras's formulation: the update is the sign of an
