@@ -95,6 +95,9 @@ class Adam(base.RoundingMixin, keras.optimizers.Adam):
 
     def update_step(self, gradient, variable, learning_rate):
         """One fused, in-place update of `variable`."""
+        if not base.has_fused_update(variable):
+            return self._keras_update_step(super().update_step, gradient, variable,
+                                           learning_rate)
         apply_adam_step(self, gradient, variable, learning_rate)
 
     def get_config(self):

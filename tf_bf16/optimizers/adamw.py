@@ -84,6 +84,9 @@ class AdamW(base.RoundingMixin, keras.optimizers.AdamW):
 
     def update_step(self, gradient, variable, learning_rate):
         """One fused, in-place update of `variable`, weight decay included."""
+        if not base.has_fused_update(variable):
+            return self._keras_update_step(super().update_step, gradient, variable,
+                                           learning_rate)
         adam.apply_adam_step(self, gradient, variable, learning_rate)
 
     def get_config(self):

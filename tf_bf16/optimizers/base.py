@@ -49,6 +49,11 @@ def resolve_seed(seed):
     return seed
 
 
+def has_fused_update(variable):
+    """The fused ops update bfloat16 and float32 variables; others use Keras's math."""
+    return keras.backend.standardize_dtype(variable.dtype) in ("bfloat16", "float32")
+
+
 def dense_gradient(gradient):
     """IndexedSlices -> dense float32 tensor (Keras applies these optimizers densely)."""
     if isinstance(gradient, tf.IndexedSlices):
@@ -99,6 +104,14 @@ class RoundingMixin:
     def _apply_weight_decay(self, variables):
         # Folded into update_step, so each weight is rounded once per step.
         return
+
+    def _keras_update_step(self, keras_update_step, gradient, variable, learning_rate):
+        """float16/float64 variables (outside the policy): Keras's own update."""
+        weight_decay = self._weight_decay_for(variable)
+        if weight_decay:
+            lr = tf.cast(learning_rate, variable.dtype)
+            variable.assign(variable - variable * tf.cast(weight_decay, variable.dtype) * lr)
+        return keras_update_step(gradient, variable, learning_rate)
 
     def _state_rounding(self):
         """Rounding for bf16 state without a Kahan buffer (EMA, accumulators)."""

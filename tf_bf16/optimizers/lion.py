@@ -88,6 +88,9 @@ class Lion(base.RoundingMixin, keras.optimizers.Lion):
 
     def update_step(self, gradient, variable, learning_rate):
         """One fused, in-place update of `variable`."""
+        if not base.has_fused_update(variable):
+            return self._keras_update_step(super().update_step, gradient, variable,
+                                           learning_rate)
         ops.apply_lion(
             variable,
             base.dense_gradient(gradient),

@@ -92,6 +92,9 @@ class SGD(base.RoundingMixin, keras.optimizers.SGD):
 
     def update_step(self, gradient, variable, learning_rate):
         """One fused, in-place update of `variable`."""
+        if not base.has_fused_update(variable):
+            return self._keras_update_step(super().update_step, gradient, variable,
+                                           learning_rate)
         index = self._get_variable_index(variable)
         accumulator = self.momentums[index] if self.momentum != 0 else None
         if accumulator is not None:
@@ -105,7 +108,7 @@ class SGD(base.RoundingMixin, keras.optimizers.SGD):
             learning_rate,
             momentum=self.momentum,
             accumulator=accumulator,
-            nesterov=self.nesterov,
+            nesterov=self.nesterov and accumulator is not None,  # as Keras: no momentum, no Nesterov
             weight_decay=self._weight_decay_for(variable),
             step=self._iterations,
             **self._stream(variable),
