@@ -110,6 +110,20 @@ TF_BF16_HOST_DEVICE float RoundNearestInFloat(float x) {
   return BitsToFloat((rounded & ~nan_mask) | ((uint32_t{kCanonicalNanBf16} << 16) & nan_mask));
 }
 
+// RoundNearestInFloat for operands whose NaNs, if any, have zero low 16 bits.
+// Adding the rounding bias then cannot carry out of a NaN's mantissa, so the
+// NaN check can be left out. Holds for arithmetic on bf16-valued floats on
+// x86, which propagates an operand's NaN or returns 0xFFC00000; not on CUDA,
+// whose arithmetic NaN is 0x7FFFFFFF, so device code keeps the check.
+TF_BF16_HOST_DEVICE float RoundNearestInFloatBf16Operands(float x) {
+#if defined(__CUDA_ARCH__)
+  return RoundNearestInFloat(x);
+#else
+  const uint32_t u = FloatToBits(x);
+  return BitsToFloat((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+#endif
+}
+
 // Stochastic rounding: adding a uniform 16-bit integer to the 16 bits that
 // bfloat16 drops carries into the kept bits with probability equal to the
 // dropped fraction, so E[result] = x and the result is always one of the two
@@ -192,13 +206,15 @@ TF_BF16_HOST_DEVICE void StoreState(float value, uint16_t* out, uint32_t block_k
 // rounding to bf16 equals the correctly rounded bf16 result.
 TF_BF16_HOST_DEVICE void KahanAdd(float weight, float delta, uint16_t* weight_out,
                                   uint16_t* compensation) {
+  // delta comes from float32 arithmetic on arbitrary inputs: full NaN check.
+  // Every later operand is bf16-valued, so their NaNs have zero low bits.
   const float update = RoundNearestInFloat(delta);
   const float comp = Bf16ToFloat(*compensation);
-  const float y = RoundNearestInFloat(update - comp);
-  const float s = RoundNearestInFloat(weight + y);
-  const float s_minus_w = RoundNearestInFloat(s - weight);
+  const float y = RoundNearestInFloatBf16Operands(update - comp);
+  const float s = RoundNearestInFloatBf16Operands(weight + y);
+  const float s_minus_w = RoundNearestInFloatBf16Operands(s - weight);
   *compensation = RoundNearestToBf16(s_minus_w - y);
-  *weight_out = static_cast<uint16_t>(FloatToBits(s) >> 16);
+  *weight_out = RoundNearestToBf16(s);  // s is bf16-valued: this only canonicalizes NaN
 }
 
 // Commits weight + delta. float weights: exact float32 add. bf16 weights:

@@ -12,7 +12,8 @@ generates a local repository, with nothing downloaded:
                                   TF_COPTS (the compile flags that are neither
                                   -I nor -D: those travel with :tf_header_lib)
                                   and HOST_CPU_COPTS (setup.py's cpu_flags():
-                                  ["-mavx2"] where /proc/cpuinfo lists avx2,
+                                  ["-mavx2"] where /proc/cpuinfo lists avx2, plus
+                                  -mfma -mavx512{f,vl,bw,dq} where it lists all four,
                                   [] when TF_BF16_PORTABLE is set)
 
 The rule is `local` and `configure`: it runs again in every new Bazel server,
@@ -41,6 +42,8 @@ print(json.dumps({
     "compile": tf.sysconfig.get_compile_flags(),
     "link": tf.sysconfig.get_link_flags(),
     "avx2": bool(re.search(r"\\bavx2\\b", cpuinfo)),
+    "avx512": all(re.search(r"\\b%s\\b" % f, cpuinfo)
+                  for f in ("avx512f", "avx512vl", "avx512bw", "avx512dq")),
 }))
 """
 
@@ -122,6 +125,8 @@ def _tf_configure_impl(repository_ctx):
 
     portable = repository_ctx.os.environ.get(_TF_BF16_PORTABLE, "")
     host_cpu_copts = ["-mavx2"] if info["avx2"] and not portable else []
+    if host_cpu_copts and info["avx512"]:
+        host_cpu_copts += ["-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq"]
 
     repository_ctx.template(
         "BUILD",
