@@ -15,6 +15,7 @@ import sys
 # (command name, module). Order is the order of the help text.
 _COMMANDS = (
     ("bench", "tf_bf16.bench"),
+    ("bench-fit", "tf_bf16.bench_fit"),
 )
 
 
