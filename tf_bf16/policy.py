@@ -22,6 +22,7 @@ variable's path, so resumed training draws the same bits. No model change.
 import dataclasses
 import functools
 import re
+import weakref
 import zlib
 
 import keras
@@ -86,9 +87,17 @@ def policy_state():
     return dataclasses.replace(_STATE)
 
 
+_KEPT_LAYERS = weakref.WeakSet()
+
+
 def keep_float32(layer):
-    """Marks a layer (built or not) whose float32 variables strict mode accepts."""
+    """Marks a layer (built or not) whose float32 variables strict mode accepts.
+
+    Its optimizer slots are accepted too. Create the layer with
+    `dtype="float32"`. Returns the layer, so it can wrap the constructor call.
+    """
     layer._tf_bf16_keep_float32 = True
+    _KEPT_LAYERS.add(layer)
     return layer
 
 
@@ -119,10 +128,30 @@ def variable_owners(model):
     return owners
 
 
+def _kept_layer_owns(variable):
+    return any(any(variable is w for w in layer.weights) for layer in list(_KEPT_LAYERS))
+
+
 def _exempt(variable, layer):
-    if layer is not None and getattr(layer, "_tf_bf16_keep_float32", False):
+    """Whether strict mode accepts this float32 variable.
+
+    `layer` is the owner when known. Optimizer slots carry a reference to the
+    variable they were created from (see tf_bf16.optimizers.base) and are
+    exempt when it is. Patterns match the variable path, the owner's name and
+    every layer name along the path (so `"^head$"` works where the owner is
+    not known).
+    """
+    reference = getattr(variable, "_tf_bf16_slot_of", None)
+    if reference is not None and reference() is not None:
+        return _exempt(reference(), None)
+    if layer is not None:
+        if getattr(layer, "_tf_bf16_keep_float32", False):
+            return True
+    elif _kept_layer_owns(variable):
         return True
-    names = [variable.path] + ([layer.name] if layer is not None else [])
+    names = [variable.path] + variable.path.split("/")[:-1]
+    if layer is not None:
+        names.append(layer.name)
     return any(p.search(n) for p in _STATE.float32_patterns for n in names)
 
 
@@ -239,10 +268,10 @@ _MOVING_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm
                       "renorm_stddev")
 
 
-def stream_id(path):
-    """A stable 64-bit stream id from a variable path (CRC-32, high bit set to keep
-    it apart from optimizer variable indices)."""
-    return (1 << 62) | zlib.crc32(path.encode())
+def stream_id(name):
+    """A stable 64-bit stream id from a name (CRC-32, bit 62 set to keep it apart
+    from optimizer variable indices)."""
+    return (1 << 62) | zlib.crc32(name.encode())
 
 
 def install_moving_statistics_rounding(model, optimizer):
@@ -261,12 +290,14 @@ def install_moving_statistics_rounding(model, optimizer):
             original = getattr(variable, "_tf_bf16_original_assign", None) or variable.assign
             variable._tf_bf16_original_assign = original
 
-            def assign(value, _original=original, _variable=variable):
+            def assign(value, _original=original, _stream=stream_id(f"{layer.name}/{attr}")):
                 value = tf.convert_to_tensor(value)
                 if value.dtype != tf.float32:
                     return _original(value)
-                rounded = ops.stochastic_round(value, seed, optimizer.iterations,
-                                               stream_id(_variable.path))
+                # Keyed on "layer name/attribute": unlike the variable path (which
+                # Keras prefixes differently after a Sequential model is reloaded),
+                # it survives save and load, so resumed training is bit-identical.
+                rounded = ops.stochastic_round(value, seed, optimizer.iterations, _stream)
                 return _original(rounded)
 
             variable.assign = assign

@@ -9,13 +9,15 @@
   machinery, since they too are bf16 state moved by small increments;
 - the strict all-bf16 policy check when the optimizer is built.
 
-Random streams: weight ``i`` of ``optimizer.variables`` order uses
-``var_id = i``; its EMA copy ``i + 2**32`` and its gradient accumulator
-``i + 2 * 2**32``; the step is the optimizer's raw iteration counter, so a run
-resumed from a checkpoint draws exactly the bits it would have drawn.
+Random streams (docs/rounding.md, section 6): weight ``i`` of the optimizer's
+variable list uses ``var_id = i``; its EMA copy ``i + 2**32`` and its gradient
+accumulator ``i + 2 * 2**32``; the step is the optimizer's iteration counter
+(Adam's bias-correction step, ``iterations``, under gradient accumulation), so
+a run resumed from a checkpoint draws exactly the bits it would have drawn.
 """
 
 import secrets
+import weakref
 
 import keras
 import tensorflow as tf
@@ -105,6 +107,14 @@ class RoundingMixin:
         # Folded into update_step, so each weight is rounded once per step.
         return
 
+    def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
+        """Keras's slot creation; the slot remembers its variable (for the strict
+        policy's float32 exemptions)."""
+        slot = super().add_variable_from_reference(reference_variable, name=name,
+                                                   initializer=initializer)
+        slot._tf_bf16_slot_of = weakref.ref(reference_variable)
+        return slot
+
     def _keras_update_step(self, keras_update_step, gradient, variable, learning_rate):
         """float16/float64 variables (outside the policy): Keras's own update."""
         weight_decay = self._weight_decay_for(variable)
@@ -124,6 +134,11 @@ class RoundingMixin:
                 zip(trainable_variables, self._model_variables_moving_average)):
             if average is None:
                 continue
+            if not has_fused_update(average):  # Keras's own EMA, in the variable's dtype
+                momentum = tf.cast(tf.not_equal(self.iterations, 0), var.dtype) * \
+                    tf.cast(self.ema_momentum, var.dtype)
+                average.assign(momentum * average + (1 - momentum) * var)
+                continue
             not_first_step = tf.cast(tf.not_equal(self.iterations, 0), tf.float32)
             momentum = not_first_step * self.ema_momentum
             old = tf.cast(average, tf.float32)
@@ -134,6 +149,9 @@ class RoundingMixin:
 
     def _backend_increment_gradient_accumulators(self, grads, acc_grads):
         for grad, accumulator in zip(grads, acc_grads):
+            if not has_fused_update(accumulator):
+                accumulator.assign(accumulator + tf.cast(dense_gradient(grad), accumulator.dtype))
+                continue
             index = next(i for i, a in enumerate(self._accumulated_gradients)
                          if a is accumulator)
             ops.rounded_assign_add(accumulator, tf.cast(dense_gradient(grad), tf.float32),

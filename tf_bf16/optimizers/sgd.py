@@ -97,8 +97,8 @@ class SGD(base.RoundingMixin, keras.optimizers.SGD):
                                            learning_rate)
         index = self._get_variable_index(variable)
         accumulator = self.momentums[index] if self.momentum != 0 else None
-        if accumulator is not None:
-            # Momentum makes every row move every step, as in Keras.
+        if accumulator is not None or self._weight_decay_for(variable):
+            # Momentum or weight decay makes every row move every step, as in Keras.
             gradient = base.dense_gradient(gradient)
         elif hasattr(gradient, "indices"):
             gradient = base.deduplicated_slices(gradient)
