@@ -109,6 +109,27 @@ struct Bf16StochasticRound<CPUDevice> {
   }
 };
 
+// Calls fn(std::true_type) or fn(std::false_type).
+template <typename Fn>
+void DispatchBool(bool flag, const Fn& fn) {
+  if (flag) {
+    fn(std::true_type());
+  } else {
+    fn(std::false_type());
+  }
+}
+
+// The Nesterov and weight-decay masks, made compile-time constants inside a
+// loop: the compiler then drops the arithmetic of the branch not taken.
+template <bool kNesterov, bool kDecay, typename Scalars>
+Scalars WithConstantMasks(Scalars p) {
+  p.weight_decay_mask = kDecay ? ~0u : 0u;
+  if constexpr (std::is_same_v<Scalars, tf_bf16::SgdScalars>) {
+    p.nesterov_mask = kNesterov ? ~0u : 0u;
+  }
+  return p;
+}
+
 // The loops below copy scalars and keys into locals and qualify pointers
 // __restrict__ so that the compiler can keep them in registers and vectorize;
 // the element functions are branch-free for the same reason.
@@ -138,12 +159,14 @@ struct Bf16ApplySgd<CPUDevice, R, S, G> {
                   const G* grad, int64_t n, const tf_bf16::SgdScalars& p,
                   const tf_bf16::StreamKeys& keys) {
     const double state = sizeof(S) * (accum ? 2 : 1) + (R == Rounding::kKahan ? 2 : 0);
-    auto run = [&](auto use_momentum) {
+    auto run = [&](auto use_momentum, auto nesterov, auto decay) {
       constexpr bool kUseMomentum = decltype(use_momentum)::value;
+      constexpr bool kNesterov = decltype(nesterov)::value;
+      constexpr bool kDecay = decltype(decay)::value;
       ParallelElements(d, n, state + sizeof(G), state, 10, keys,
                        [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
                          const tf_bf16::LaneKeys k = lane_keys;
-                         const tf_bf16::SgdScalars sp = p;
+                         const tf_bf16::SgdScalars sp = WithConstantMasks<kNesterov, kDecay>(p);
                          S* __restrict__ w = var;
                          S* __restrict__ a = accum;
                          uint16_t* __restrict__ c = compensation;
@@ -155,11 +178,14 @@ struct Bf16ApplySgd<CPUDevice, R, S, G> {
                          }
                        });
     };
-    if (accum) {
-      run(std::true_type());
-    } else {
-      run(std::false_type());
-    }
+    DispatchBool(p.weight_decay_mask != 0, [&](auto decay) {
+      if (!accum) {
+        run(std::false_type(), std::false_type(), decay);
+      } else {
+        DispatchBool(p.nesterov_mask != 0,
+                     [&](auto nesterov) { run(std::true_type(), nesterov, decay); });
+      }
+    });
   }
 };
 
@@ -169,12 +195,13 @@ struct Bf16ApplyAdam<CPUDevice, R, S, G> {
                   const G* grad, int64_t n, const tf_bf16::AdamScalars& p,
                   const tf_bf16::StreamKeys& keys) {
     const double state = sizeof(S) * (vhat ? 4 : 3) + (R == Rounding::kKahan ? 2 : 0);
-    auto run = [&](auto amsgrad) {
+    auto run = [&](auto amsgrad, auto decay) {
       constexpr bool kAmsgrad = decltype(amsgrad)::value;
+      constexpr bool kDecay = decltype(decay)::value;
       ParallelElements(d, n, state + sizeof(G), state, 20, keys,
                        [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
                          const tf_bf16::LaneKeys k = lane_keys;
-                         const tf_bf16::AdamScalars sp = p;
+                         const tf_bf16::AdamScalars sp = WithConstantMasks<false, kDecay>(p);
                          S* __restrict__ w = var;
                          S* __restrict__ m1 = m;
                          S* __restrict__ m2 = v;
@@ -188,11 +215,9 @@ struct Bf16ApplyAdam<CPUDevice, R, S, G> {
                          }
                        });
     };
-    if (vhat) {
-      run(std::true_type());
-    } else {
-      run(std::false_type());
-    }
+    DispatchBool(vhat != nullptr, [&](auto amsgrad) {
+      DispatchBool(p.weight_decay_mask != 0, [&](auto decay) { run(amsgrad, decay); });
+    });
   }
 };
 
@@ -202,19 +227,23 @@ struct Bf16ApplyLion<CPUDevice, R, S, G> {
                   int64_t n, const tf_bf16::LionScalars& p,
                   const tf_bf16::StreamKeys& keys) {
     const double state = sizeof(S) * 2 + (R == Rounding::kKahan ? 2 : 0);
-    ParallelElements(d, n, state + sizeof(G), state, 10, keys,
-                     [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
-                       const tf_bf16::LaneKeys k = lane_keys;
-                       const tf_bf16::LionScalars sp = p;
-                       S* __restrict__ w = var;
-                       S* __restrict__ m1 = m;
-                       uint16_t* __restrict__ c = compensation;
-                       const G* __restrict__ g = grad;
-                       uint32_t lo = static_cast<uint32_t>(begin);
-                       for (int64_t i = begin; i < end; ++i, ++lo) {
-                         tf_bf16::LionElement<R>(w, m1, c, tf_bf16::Load(g[i]), i, lo, sp, k);
-                       }
-                     });
+    DispatchBool(p.weight_decay_mask != 0, [&](auto decay) {
+      constexpr bool kDecay = decltype(decay)::value;
+      ParallelElements(d, n, state + sizeof(G), state, 10, keys,
+                       [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
+                         const tf_bf16::LaneKeys k = lane_keys;
+                         const tf_bf16::LionScalars sp = WithConstantMasks<false, kDecay>(p);
+                         S* __restrict__ w = var;
+                         S* __restrict__ m1 = m;
+                         uint16_t* __restrict__ c = compensation;
+                         const G* __restrict__ g = grad;
+                         uint32_t lo = static_cast<uint32_t>(begin);
+                         for (int64_t i = begin; i < end; ++i, ++lo) {
+                           tf_bf16::LionElement<R>(w, m1, c, tf_bf16::Load(g[i]), i, lo, sp,
+                                                   k);
+                         }
+                       });
+    });
   }
 };
 

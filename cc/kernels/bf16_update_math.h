@@ -214,7 +214,8 @@ TF_BF16_HOST_DEVICE void KahanAdd(float weight, float delta, uint16_t* weight_ou
   const float s = RoundNearestInFloatBf16Operands(weight + y);
   const float s_minus_w = RoundNearestInFloatBf16Operands(s - weight);
   *compensation = RoundNearestToBf16(s_minus_w - y);
-  *weight_out = RoundNearestToBf16(s);  // s is bf16-valued: this only canonicalizes NaN
+  const uint32_t s_bits = FloatToBits(s);
+  *weight_out = SelectNan(s_bits, s_bits >> 16);  // s is bf16-valued: just truncate
 }
 
 // Commits weight + delta. float weights: exact float32 add. bf16 weights:
