@@ -44,6 +44,9 @@ class Task:
     learning_rate: float = 0.01
     epochs: int = 1
     batch_size: int = 32
+    # Extra keyword arguments of the optimizer (e.g. {"weight_decay": 0.01}),
+    # the same for the Keras and the tf_bf16 optimizer. Optional.
+    optimizer_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # Overrides used by the CI tests (reduced sizes; must run in seconds).
     reduced: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
