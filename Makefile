@@ -11,7 +11,7 @@ STAMP := .make-install.stamp
 # Installs every dependency, then builds the op library against that TensorFlow.
 install: $(STAMP)
 $(STAMP): setup.py Makefile $(wildcard cc/*/*.cc cc/*/*.h)
-	$(PIP) install -q "$(TF_PACKAGE)" "keras==3.15.1" pytest tqdm matplotlib scikit-learn
+	$(PIP) install -q "$(TF_PACKAGE)" "keras==3.15.1" pytest tqdm matplotlib scikit-learn tensorflow-datasets==4.9.10
 	$(MAKE) build
 	touch $(STAMP)
 
@@ -19,7 +19,7 @@ build:
 	$(PIP) install -q --no-build-isolation -e .
 
 demo: install
-	$(PYTHON) examples/rounding_demo.py
+	$(PYTHON) -m tf_bf16 compare --task least_squares --out out/demo
 
 test: install bazel-build
 	$(PYTHON) -m pytest -q tests

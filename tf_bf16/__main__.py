@@ -3,7 +3,9 @@
 Each command is a module that provides ``SUMMARY`` (one line for the command
 list), ``DESCRIPTION`` (the command's --help text), ``add_arguments(parser)``
 and ``run(args) -> int`` (the exit status). To add a command, add its module to
-``_COMMANDS``. Command modules must not import TensorFlow at import time, so
+``_COMMANDS``. An entry ``(name, module, prefix)`` takes ``PREFIX_SUMMARY``,
+``PREFIX_DESCRIPTION``, ``add_prefix_arguments`` and ``run_prefix`` instead, so
+that one module can provide several commands. Command modules must not import TensorFlow at import time, so
 that ``--help`` stays fast.
 """
 
@@ -16,6 +18,9 @@ import sys
 _COMMANDS = (
     ("bench", "tf_bf16.bench"),
     ("bench-fit", "tf_bf16.bench_fit"),
+    ("compare", "tf_bf16.compare"),
+    ("list", "tf_bf16.compare", "list"),
+    ("results", "tf_bf16.compare", "results"),
 )
 
 
@@ -31,13 +36,16 @@ def build_parser():
         description="tf_bf16 tools: pure-bfloat16 training ops for TensorFlow/Keras.",
         epilog="Run '%(prog)s COMMAND --help' for the options of a command.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for name, module_name in _COMMANDS:
+    for name, module_name, *prefix in _COMMANDS:
         module = importlib.import_module(module_name)
+        upper = f"{prefix[0].upper()}_" if prefix else ""
+        lower = f"_{prefix[0]}" if prefix else ""
         sub = subparsers.add_parser(
-            name, help=module.SUMMARY, description=module.DESCRIPTION,
+            name, help=getattr(module, f"{upper}SUMMARY"),
+            description=getattr(module, f"{upper}DESCRIPTION"),
             formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        getattr(module, f"add{lower}_arguments")(sub)
+        sub.set_defaults(_run=getattr(module, f"run{lower}"))
     return parser
 
 

@@ -1,0 +1,163 @@
+"""`python -m tf_bf16 compare | list | results` end to end, on reduced configurations."""
+
+import argparse
+import contextlib
+import io
+import json
+import math
+
+import keras
+import pytest
+
+import tf_bf16
+from tf_bf16 import __main__ as cli
+from tf_bf16 import compare
+from tf_bf16 import policy
+from tf_bf16.tasks import VARIANTS, all_tasks
+
+MY_TASKS = ("least_squares", "digits_cnn")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _reset_policy():
+    tf_bf16.reset_policy()
+    yield
+    tf_bf16.reset_policy()
+
+
+def _main(argv):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = cli.main(argv)
+    return status, stdout.getvalue()
+
+
+@pytest.fixture(scope="module", params=MY_TASKS)
+def compare_run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"compare_{request.param}")
+    status, text = _main(["compare", "--task", request.param, "--reduced", "--no-progress",
+                          "--seed", "3", "--out", str(out)])
+    return (request.param, status, text, out, keras.config.dtype_policy().name,
+            policy.policy_state().active)
+
+
+def test_compare_outputs(compare_run):
+    name, status, text, out, dtype_policy, active = compare_run
+    assert status == 0
+    # Keras's global policy is back to float32 and the tf_bf16 policy is off.
+    assert dtype_policy == "float32" and not active
+    for label in ("float32", "bf16 nearest", "bf16 SR", "bf16 Kahan", "B/param", "wall s",
+                  "gap to float32"):
+        assert label in text, label
+    assert (out / "curves.png").stat().st_size > 1000
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text()
+    assert "| bf16 Kahan |" in md and "curves.png" in md
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == name and results["seed"] == 3
+    assert set(results["variants"]) == set(VARIANTS)
+
+
+def test_compare_variants_trained(compare_run):
+    _, _, _, out, _, _ = compare_run
+    results = json.loads((out / "results.json").read_text())
+    expected_bytes = {"float32": 8, "nearest": 4, "stochastic": 4, "kahan": 6}
+    for variant, r in results["variants"].items():
+        assert r["finite"], variant
+        assert all(isinstance(x, float) and math.isfinite(x) for x in r["curve"]), variant
+        assert r["steps"] == r["epochs"] * r["steps_per_epoch"] > 0
+        assert r["weights_changed_fraction"] > 0.5, variant
+        # SGD momentum: weights + momentum (+ Kahan buffer), from the variables.
+        assert r["bytes_per_parameter"] == expected_bytes[variant], variant
+        if variant == "float32":
+            assert r["state_dtypes"] == ["float32"]
+            assert r["optimizer"] == "keras.SGD"
+        else:
+            # Only bf16 state: every model variable and every optimizer slot.
+            assert r["state_dtypes"] == ["bfloat16"], variant
+            assert r["optimizer"] == f"tf_bf16.SGD(rounding={variant!r})"
+    assert results["variants"]["float32"]["gap_to_float32"] == 0.0
+
+
+def test_list():
+    status, text = _main(["list"])
+    assert status == 0
+    for name in all_tasks():
+        assert name in text
+    assert "distance to optimum" in text and "test accuracy" in text
+
+
+def _help(argv):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), pytest.raises(SystemExit):
+        cli.main(argv + ["--help"])
+    return stdout.getvalue()
+
+
+@pytest.mark.parametrize("command", ["compare", "list", "results"])
+def test_help_documents_every_option(command):
+    text = _help([command])
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = [s for action in sub.choices[command]._actions for s in action.option_strings]
+    for option in options:
+        assert option in text, option
+    for action in sub.choices[command]._actions:
+        assert action.help, action.option_strings
+    if command != "list":
+        for option in ("--seed" if command == "compare" else "--seeds", "--steps", "--epochs",
+                       "--learning-rate", "--batch-size", "--reduced", "--variants"):
+            assert option in text
+
+
+def test_top_level_help_lists_commands():
+    text = _help([])
+    for command in ("compare", "list", "results"):
+        assert command in text
+
+
+def test_unknown_task_and_bad_variant():
+    assert _main(["compare", "--task", "no_such_task"])[0] == 2
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["compare", "--task", "x", "--variants", "fp8"])
+
+
+def test_results_file(tmp_path):
+    output = tmp_path / "docs" / "results.md"
+    status, text = _main(["results", "--reduced", "--seeds", "2", "--tasks",
+                          ",".join(MY_TASKS), "--no-progress", "--output", str(output)])
+    assert status == 0
+    assert keras.config.dtype_policy().name == "float32"
+    md = output.read_text()
+    assert "## Summary" in md and "±" in md
+    for name in MY_TASKS:
+        assert f"## {name}" in md
+        assert (tmp_path / "docs" / "results" / f"{name}.png").stat().st_size > 1000
+        assert f"results/{name}.png" in md
+    assert "python -m tf_bf16" in md and "Machine:" in md
+    data = json.loads((tmp_path / "docs" / "results" / "results.json").read_text())
+    for name in MY_TASKS:
+        stats = data["tasks"][name]["stats"]
+        assert set(stats) == set(VARIANTS)
+        for variant, s in stats.items():
+            assert len(s["values"]) == 2 and math.isfinite(s["mean"])
+            assert isinstance(s["matches_float32"], bool)
+
+
+@pytest.mark.parametrize("name", sorted(all_tasks()))
+def test_every_task_runs_reduced(name):
+    """Every discovered task trains through the runner, reduced, one seed, all variants."""
+    task = all_tasks()[name]
+    message = task.available()
+    if message:
+        pytest.skip(f"{name}: {message}")
+    args = cli.build_parser().parse_args(["compare", "--task", name, "--reduced"])
+    cfg = compare._config(task, args)
+    cfg["reduced"] = True
+    results = compare.run_task(task, 0, list(VARIANTS), cfg, progress=False)
+    assert keras.config.dtype_policy().name == "float32"
+    for variant, r in results.items():
+        assert r["finite"], (name, variant)
+        assert r["steps"] > 0 and r["weights_changed_fraction"] > 0, (name, variant)
+        if variant != "float32":
+            assert "bfloat16" in r["state_dtypes"], (name, variant)

@@ -1,0 +1,75 @@
+"""The interface every task of `python -m tf_bf16 compare` implements.
+
+A task is one module in tf_bf16/tasks/ that defines a module-level ``TASK``
+(an instance of a ``Task`` subclass). ``tf_bf16.tasks.all_tasks()`` discovers
+them. The runner (tf_bf16/compare.py) trains the same model, data order and
+seed four ways (``VARIANTS``) and owns the dtype policy, the progress bars, the
+timing and the outputs; a task only says what to train and how to score it.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional
+
+# float32: Keras defaults (float32 policy), the stock Keras optimizer.
+# nearest: pure bf16 (keras "bfloat16" policy), round-to-nearest updates: what
+#          plain bf16 training gives (tf_bf16 optimizer with rounding="nearest",
+#          so that Keras's bf16 Adam bug does not hide the rounding effect).
+# stochastic / kahan: tf_bf16.set_policy() and the tf_bf16 optimizer.
+VARIANTS = ("float32", "nearest", "stochastic", "kahan")
+
+
+@dataclasses.dataclass
+class TaskData:
+    """What a task trains and evaluates on. Arrays or tf.data.Datasets.
+
+    ``train`` yields (x, y) batches in a fixed order for a given seed (the same
+    order for every variant); ``eval`` is used by ``Task.evaluate``.
+    """
+    train: Any
+    eval: Any
+    steps_per_epoch: Optional[int] = None
+    info: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Task:
+    """Base class. Subclasses set the fields and implement the methods."""
+
+    name: str = ""
+    summary: str = ""            # one line for `python -m tf_bf16 list`
+    paper_application: str = ""  # which of the paper's seven applications it mirrors
+    metric: str = ""             # e.g. "test accuracy", "bits/char", "distance to optimum"
+    higher_is_better: bool = True
+    optimizer: str = "sgd"       # "sgd" (momentum 0.9) or "adam" / "adamw"
+    learning_rate: float = 0.01
+    epochs: int = 1
+    batch_size: int = 32
+    # Extra keyword arguments of the optimizer (e.g. {"weight_decay": 0.01}),
+    # the same for the Keras and the tf_bf16 optimizer. Optional.
+    optimizer_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Overrides used by the CI tests (reduced sizes; must run in seconds).
+    reduced: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def available(self) -> Optional[str]:
+        """None if the task can run here, else a message saying what is missing
+        and how to get it (e.g. a dataset that must be downloaded first)."""
+        return None
+
+    def make_data(self, seed: int, reduced: bool = False) -> TaskData:
+        raise NotImplementedError
+
+    def make_model(self, seed: int, reduced: bool = False):
+        """A fresh, compiled-ready keras.Model, built under the dtype policy in force."""
+        raise NotImplementedError
+
+    def loss(self):
+        """The Keras loss for model.compile."""
+        raise NotImplementedError
+
+    def evaluate(self, model, data: TaskData) -> float:
+        """The task's metric on the held-out data."""
+        raise NotImplementedError
+
+    # Optional: per-epoch (or per-N-steps) metric for learning curves; the
+    # runner calls it at every curve point when provided.
+    curve: Optional[Callable] = None

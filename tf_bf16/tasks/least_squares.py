@@ -1,0 +1,84 @@
+"""Least squares on scikit-learn's bundled diabetes data: the paper's theory case.
+
+A linear model (one Dense unit) fitted by full-batch SGD with momentum to the
+standardized diabetes regression data (442 samples, 10 features + bias; no
+download). The exact optimum is known (float64 ``numpy.linalg.lstsq``), so the
+metric is the distance of the trained weights to it, ``||w - w*||`` over the
+kernel and the bias. Round-to-nearest bf16 updates stall once the step
+``lr * momentum-buffer`` falls below half an ulp of the weights: the distance
+stops at a floor. Stochastic rounding and Kahan summation keep descending
+(down to what bf16 forward/backward arithmetic allows).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from tf_bf16.tasks.base import Task, TaskData
+
+
+def load_problem():
+    """(x, y, optimum): standardized features, targets and the float64 optimum
+    of [kernel; bias] (the bias is the last entry)."""
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    x = (x - x.mean(0)) / x.std(0)
+    y = (y - y.mean()) / y.std()
+    design = np.hstack([x, np.ones((len(x), 1))])
+    optimum, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return x.astype(np.float32), y.astype(np.float32)[:, None], optimum
+
+
+@dataclasses.dataclass
+class LeastSquares(Task):
+    steps_per_epoch: int = 100
+
+    def make_data(self, seed, reduced=False):
+        import tensorflow as tf
+
+        x, y, optimum = load_problem()
+        steps = self.reduced.get("steps_per_epoch", 20) if reduced else self.steps_per_epoch
+        # Full batch: every step sees all 442 samples, so the order is trivially the
+        # same for every variant; the seed only changes the initial weights.
+        train = tf.data.Dataset.from_tensors((x, y)).repeat()
+        return TaskData(train=train, eval=optimum, steps_per_epoch=steps,
+                        info={"samples": len(x), "features": x.shape[1],
+                              "optimum_mse": float(np.mean(
+                                  (np.hstack([x, np.ones((len(x), 1))]) @ optimum
+                                   - y[:, 0]) ** 2))})
+
+    def make_model(self, seed, reduced=False):
+        import keras
+
+        return keras.Sequential([
+            keras.Input(shape=(10,)),
+            keras.layers.Dense(1, kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+                               name="linear"),
+        ], name="least_squares")
+
+    def loss(self):
+        import keras
+
+        return keras.losses.MeanSquaredError()
+
+    def evaluate(self, model, data):
+        layer = model.get_layer("linear")
+        kernel = np.asarray(layer.kernel.numpy(), dtype=np.float64)[:, 0]
+        bias = np.asarray(layer.bias.numpy(), dtype=np.float64)
+        w = np.concatenate([kernel, bias])
+        return float(np.linalg.norm(w - data.eval))
+
+
+TASK = LeastSquares(
+    name="least_squares",
+    summary="linear least squares on sklearn diabetes data, full-batch SGD momentum.",
+    paper_application="theory: least-squares regression (the analysis case)",
+    metric="distance to optimum",
+    higher_is_better=False,
+    optimizer="sgd",
+    learning_rate=0.003,
+    epochs=30,
+    batch_size=442,
+    reduced={"epochs": 3, "steps_per_epoch": 20},
+)

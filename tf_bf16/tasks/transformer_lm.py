@@ -1,0 +1,115 @@
+"""Character-level Transformer language model on the Python standard library.
+
+Mirrors the paper's language-modelling application (a Transformer LM) at a
+size a 2-core CPU trains in about a minute. Offline and the same on every
+machine: the corpus is the top-level ``*.py`` files of the standard library
+(see ``tf_bf16.tasks._text``), split by file: every 10th file (sorted by name)
+is held out. Characters map to a 128-symbol ASCII vocabulary.
+
+Model (GPT-style, pre-LayerNorm): token + learned position embeddings (dim 64),
+2 causal Transformer blocks (``keras.layers.MultiHeadAttention`` with
+``use_causal_mask=True``, 4 heads, feed-forward 256, GELU), a final
+LayerNormalization and a Dense projection to 128 logits; ~121k parameters.
+
+Training: AdamW (Keras defaults: betas 0.9/0.999, weight decay 0.004),
+constant learning rate 1e-3 (a standard small-Transformer setting, not tuned
+per variant), batch 32 windows of 64 characters drawn at seed-dependent random
+offsets of the training files, 800 steps (one pass over the sampled windows,
+~1.6M characters, about 40% of the training text). Reduced config: 30
+steps, sequence 32.
+
+Metric: bits per character on held-out files (lower is better): the mean
+next-character cross-entropy, in bits, over 256 fixed non-overlapping
+65-character windows spread evenly through the held-out files (the same
+windows for every seed and variant).
+"""
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_bf16.tasks import _text
+from tf_bf16.tasks.base import Task, TaskData
+
+DEFAULTS = dict(seq_len=64, dim=64, heads=4, ff_dim=256, layers=2, steps=800,
+                eval_windows=256)
+REDUCED = dict(seq_len=32, dim=32, heads=2, ff_dim=64, layers=1, steps=30,
+               eval_windows=32)
+
+
+@dataclasses.dataclass
+class TransformerLMTask(Task):
+
+    def config(self, reduced):
+        cfg = dict(DEFAULTS, batch_size=self.batch_size)
+        if reduced:
+            cfg.update(REDUCED)
+            cfg.update(self.reduced)
+        return cfg
+
+    def make_data(self, seed, reduced=False):
+        cfg = self.config(reduced)
+        train_files, held_files = _text.split_files()
+        train_ids = _text.encoded_corpus(train_files)
+        held_ids = _text.encoded_corpus(held_files)
+        length = cfg["seq_len"] + 1
+        count = cfg["steps"] * cfg["batch_size"]
+        rng = np.random.default_rng(seed)
+        starts = rng.integers(0, len(train_ids) - length, size=count)
+        windows = train_ids[starts[:, None] + np.arange(length)]
+        train = tf.data.Dataset.from_tensor_slices(
+            (windows[:, :-1], windows[:, 1:])).batch(cfg["batch_size"])
+        # Held-out windows: evenly spaced, non-overlapping, seed-independent.
+        n_eval = min(cfg["eval_windows"], len(held_ids) // length)
+        offsets = np.linspace(0, len(held_ids) - length, n_eval).astype(np.int64)
+        eval_windows = held_ids[offsets[:, None] + np.arange(length)]
+        info = dict(train_chars=int(len(train_ids)), held_out_chars=int(len(held_ids)),
+                    train_files=len(train_files), held_out_files=len(held_files),
+                    corpus=_text.stdlib_dir())
+        return TaskData(train=train, eval=(eval_windows[:, :-1], eval_windows[:, 1:]),
+                        steps_per_epoch=cfg["steps"], info=info)
+
+    def make_model(self, seed, reduced=False):
+        cfg = self.config(reduced)
+        ids = keras.Input(shape=(cfg["seq_len"],), dtype="int32", name="chars")
+        x = _text.TokenAndPositionEmbedding(_text.VOCAB_SIZE, cfg["seq_len"], cfg["dim"],
+                                            seed=seed, name="embedding")(ids)
+        for i in range(cfg["layers"]):
+            x = _text.transformer_block(x, heads=cfg["heads"], dim=cfg["dim"],
+                                        ff_dim=cfg["ff_dim"], causal=True,
+                                        seed=seed + 10 * (i + 1), name=f"block{i}")
+        x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(x)
+        logits = keras.layers.Dense(
+            _text.VOCAB_SIZE, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 99),
+            name="logits")(x)
+        return keras.Model(ids, logits, name="char_transformer")
+
+    def loss(self):
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def evaluate(self, model, data):
+        x, y = data.eval
+        nll = []
+        for i in range(0, len(x), 64):
+            logits = model(x[i:i + 64], training=False)
+            logp = _text.log_softmax_np(keras.ops.convert_to_numpy(
+                keras.ops.cast(logits, "float32")))
+            nll.append(-np.take_along_axis(logp, y[i:i + 64, :, None], axis=-1)[..., 0])
+        return float(np.mean(np.concatenate(nll)) / math.log(2.0))
+
+
+TASK = TransformerLMTask(
+    name="transformer_lm",
+    summary="char-level causal Transformer LM on Python stdlib source; held-out bits/char",
+    paper_application="language modelling (Transformer)",
+    metric="held-out bits/char",
+    higher_is_better=False,
+    optimizer="adamw",
+    learning_rate=1e-3,
+    epochs=1,
+    batch_size=32,
+    reduced=dict(batch_size=16),
+)
