@@ -80,6 +80,9 @@ import statistics
 import sys
 import time
 
+from tf_bf16.bench import _non_negative_int
+from tf_bf16.bench import _positive_int
+
 SUMMARY = "time model.fit steps of tf_bf16 vs stock Keras optimizers; state bytes/param"
 
 DESCRIPTION = """\
@@ -200,16 +203,6 @@ BYTES_REFERENCE = "keras_adam_mixed"
 
 # ---------------------------------------------------------------------------
 # Command line.
-
-def _positive_int(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def _non_negative_int(text):
     try:
