@@ -41,10 +41,11 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
+
+from tf_bf16 import bench
 
 SUMMARY = "train a task in float32 and in bf16 (nearest, SR, Kahan); table, curves, JSON"
 LIST_SUMMARY = "list the tasks of 'compare' and whether they can run here"
@@ -499,22 +500,6 @@ def run_task(task, seed, variants, cfg, progress=True):
 # ---------------------------------------------------------------------------
 # Machine and tables.
 
-def _machine(tf, keras):
-    try:
-        from tf_bf16 import bench
-        return bench._machine_info(tf, keras)
-    except Exception:  # pragma: no cover - informational only
-        return {"cpu": platform.processor(), "cpu_flags": [], "logical_cpus": os.cpu_count(),
-                "usable_cpus": os.cpu_count(), "python": platform.python_version(),
-                "tensorflow": tf.__version__, "keras": keras.__version__}
-
-
-def _machine_line(m):
-    from tf_bf16 import bench
-
-    return bench._machine_line(m)
-
-
 def _compare_table(task, results):
     header = ["variant", "optimizer", task.metric or "metric", "gap to float32",
               "B/param", "state dtypes", "weights moved", "wall s"]
@@ -613,7 +598,6 @@ def _command_line(args, command):
 
 def run(args):
     """`compare`: trains the task's variants, prints the table, writes outputs."""
-    from tf_bf16 import bench
     from tf_bf16 import tasks as tasks_module
 
     try:
@@ -636,11 +620,11 @@ def run(args):
         "task": task.name, "summary": task.summary, "metric": task.metric,
         "higher_is_better": task.higher_is_better, "seed": args.seed,
         "config": cfg, "variants": results, "elapsed_s": elapsed,
-        "machine": _machine(tf, keras), "command": _command_line(args, "compare"),
+        "machine": bench._machine_info(tf, keras), "command": _command_line(args, "compare"),
     }
     header, body = _compare_table(task, results)
     lines = [_heading(task, cfg, args.seed),
-             f"machine: {_machine_line(summary['machine'])}", "",
+             f"machine: {bench._machine_line(summary['machine'])}", "",
              bench._text_table(header, body, left=(0, 1, 5)), "",
              "gap: variant - float32; B/param: training-state bytes per parameter (trainable "
              "weights + optimizer slots + Kahan buffers, from the variables); weights moved: "
@@ -674,14 +658,12 @@ def run(args):
 
 
 def _compare_markdown(task, cfg, seed, summary, header, body):
-    from tf_bf16 import bench
-
     return "\n".join([
         f"### {task.name}", "", _heading(task, cfg, seed) + ".", "",
         bench._markdown_table(header, body, left=(0, 1, 5)), "",
         "Gap: variant - float32. B/param: training-state bytes per parameter (trainable "
         "weights + optimizer slots + Kahan buffers, from the variables). " + NEAREST_FOOTNOTE,
-        "", f"Machine: {_machine_line(summary['machine'])}. Command: `{summary['command']}`. "
+        "", f"Machine: {bench._machine_line(summary['machine'])}. Command: `{summary['command']}`. "
         f"Total {summary['elapsed_s']:.1f} s.", ""])
 
 
@@ -690,7 +672,6 @@ def _compare_markdown(task, cfg, seed, summary, header, body):
 
 def run_list(args):
     """`list`: one line per task."""
-    from tf_bf16 import bench
     from tf_bf16 import tasks as tasks_module
 
     header = ["task", "metric", "optimizer", "lr", "epochs", "batch", "paper application",
@@ -784,7 +765,7 @@ def run_results(args):
     out_dir = os.path.join(os.path.dirname(os.path.abspath(args.output)), "results")
     os.makedirs(out_dir, exist_ok=True)
     report = {"tasks": {}, "unavailable": {}, "variants": variants, "seeds": args.seeds,
-              "reduced": bool(args.reduced), "machine": _machine(tf, keras),
+              "reduced": bool(args.reduced), "machine": bench._machine_info(tf, keras),
               "command": _command_line(args, "results"),
               "started": started_at}
     for name in names:
@@ -831,8 +812,6 @@ def _pm(task, mean, std):
 
 
 def _results_markdown(report, all_tasks, output):
-    from tf_bf16 import bench
-
     variants = report["variants"]
     m = report["machine"]
     out = ["# Results: float32 vs pure-bf16 training with nearest, stochastic and Kahan "
@@ -845,7 +824,7 @@ def _results_markdown(report, all_tasks, output):
            "the same for every variant."
            + (" **Reduced configurations** (CI sizes), not the full tasks." if report["reduced"]
               else ""), "",
-           f"Machine: {_machine_line(m)}.", ""]
+           f"Machine: {bench._machine_line(m)}.", ""]
     header = ["task", "metric"] + [LABELS[v] for v in variants]
     body = []
     for name, entry in report["tasks"].items():
