@@ -25,7 +25,8 @@ those ``1 + #features`` vectors are concatenated with the bottom output and go
 through a top MLP to the click logit. 2.9 M parameters, 99% of them in the
 embedding tables. Adam, learning rate 1e-3, batch 256, one pass over the log
 (the usual one-epoch training of CTR models). Embedding gradients are
-IndexedSlices; the tf_bf16 and Keras optimizers apply them densely.
+IndexedSlices; `compare` densifies them for the Keras optimizer of the float32
+variant so that it runs the same (dense) Adam as the tf_bf16 optimizers.
 
 Metric: test log-loss (binary cross-entropy, lower is better). The ground-truth
 model's own log-loss on the same test log, the floor no model can beat in
