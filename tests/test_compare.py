@@ -67,6 +67,11 @@ def test_compare_variants_trained(compare_run):
         assert all(isinstance(x, float) and math.isfinite(x) for x in r["curve"]), variant
         assert r["steps"] == r["epochs"] * r["steps_per_epoch"] > 0
         assert r["weights_changed_fraction"] > 0.5, variant
+        late = r["late_weights_changed_fraction"]
+        assert 0 <= late <= 1, variant
+        if variant == "float32":
+            # Every float32 SGD-momentum step changes almost every weight.
+            assert late > 0.5, late
         # SGD momentum: weights + momentum (+ Kahan buffer), from the variables.
         assert r["bytes_per_parameter"] == expected_bytes[variant], variant
         if variant == "float32":

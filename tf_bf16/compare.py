@@ -100,6 +100,7 @@ Example:
 """
 
 STOCK = "stock"
+LATE_FRACTION = 0.1
 LABELS = {
     "float32": "float32",
     "nearest": "bf16 nearest",
@@ -418,17 +419,29 @@ def _fmt_gap(task, gap):
 class _Progress:
     """A keras Callback driving a tqdm bar over all steps of one variant."""
 
-    def __new__(cls, keras, total, desc, disable):
+    def __new__(cls, keras, total, desc, disable, snapshot_at=None):
         from tqdm import tqdm
 
         class Callback(keras.callbacks.Callback):
+            """Also copies the trainable weights before global step ``snapshot_at``
+            (``self.snapshot``), to measure how many weights the last steps moved."""
+
             def __init__(self):
                 super().__init__()
                 self.bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False,
                                 disable=disable, dynamic_ncols=True)
                 self.metric = None
+                self.steps_done = 0
+                self.snapshot = None
+
+            def on_train_batch_begin(self, batch, logs=None):
+                if self.steps_done == snapshot_at:
+                    import numpy as np
+                    self.snapshot = [np.array(v.numpy(), dtype=np.float32)
+                                     for v in self.model.trainable_variables]
 
             def on_train_batch_end(self, batch, logs=None):
+                self.steps_done += 1
                 self.bar.update(1)
                 if logs and "loss" in logs and batch % 10 == 0:
                     post = {"loss": f"{float(logs['loss']):.4g}"}
@@ -460,8 +473,12 @@ def train_variant(task, variant, seed, data, initial_weights, cfg, progress=True
         model.compile(optimizer=optimizer, loss=task.loss())
         steps = _steps_per_epoch(data, cfg)
         epochs = cfg["epochs"]
-        bar = _Progress(keras, None if steps is None else epochs * steps,
-                        f"{task.name} seed {seed} {LABELS[variant]:>16}", not progress)
+        total = None if steps is None else epochs * steps
+        # The last LATE_FRACTION of the steps: where the paper locates the lost
+        # updates (small steps late in training).
+        late_start = None if total is None else total - max(1, round(LATE_FRACTION * total))
+        bar = _Progress(keras, total, f"{task.name} seed {seed} {LABELS[variant]:>16}",
+                        not progress, snapshot_at=late_start)
         curve_fn = task.curve if task.curve is not None else task.evaluate
         curve, losses = [], []
         try:
@@ -502,6 +519,10 @@ def train_variant(task, variant, seed, data, initial_weights, cfg, progress=True
             "trainable_parameters": int(state.trainable_parameters),
             "state_dtypes": _state_dtypes(keras, model, optimizer),
             "weights_changed_fraction": _changed_fraction(model, start_weights),
+            # Share of trainable weights the last LATE_FRACTION of the steps changed
+            # (None when the step count is unknown).
+            "late_weights_changed_fraction": (
+                None if bar.snapshot is None else _changed_fraction(model, bar.snapshot)),
             "finite": bool(math.isfinite(final) and all(math.isfinite(x) for x in losses)),
         }
     finally:
@@ -543,14 +564,17 @@ def run_task(task, seed, variants, cfg, progress=True):
 
 def _compare_table(task, results):
     header = ["variant", "optimizer", task.metric or "metric", "gap to float32",
-              "B/param", "state dtypes", "weights moved", "wall s"]
+              "B/param", "state dtypes", "weights moved", "last 10%", "wall s"]
     body = []
     for r in results.values():
         gap = r.get("gap_to_float32")
         body.append([r["label"], r["optimizer"], _fmt_metric(task, r["metric"]),
                      "-" if gap is None or r["variant"] == "float32" else _fmt_gap(task, gap),
                      f"{r['bytes_per_parameter']:.2f}", "/".join(r["state_dtypes"]),
-                     f"{100 * r['weights_changed_fraction']:.1f}%", f"{r['wall_s']:.1f}"])
+                     f"{100 * r['weights_changed_fraction']:.1f}%",
+                     "-" if r.get("late_weights_changed_fraction") is None
+                     else f"{100 * r['late_weights_changed_fraction']:.1f}%",
+                     f"{r['wall_s']:.1f}"])
     return header, body
 
 
@@ -669,7 +693,9 @@ def run(args):
              bench._text_table(header, body, left=(0, 1, 5)), "",
              "gap: variant - float32; B/param: training-state bytes per parameter (trainable "
              "weights + optimizer slots + Kahan buffers, from the variables); weights moved: "
-             "share of trainable weights that differ from their initial value.",
+             "share of trainable weights that differ from their initial value; last 10%: "
+             "share that the last 10% of the steps changed (round-to-nearest leaves a weight "
+             "untouched when every update was below half an ulp of it).",
              NEAREST_FOOTNOTE] + _info_lines(next(iter(results.values()))["task_info"]) + [
              f"total {elapsed:.1f} s"]
     text = "\n".join(lines)
@@ -718,7 +744,9 @@ def _compare_markdown(task, cfg, seed, summary, header, body):
         f"### {task.name}", "", _heading(task, cfg, seed) + ".", "",
         bench._markdown_table(header, body, left=(0, 1, 5)), "",
         "Gap: variant - float32. B/param: training-state bytes per parameter (trainable "
-        "weights + optimizer slots + Kahan buffers, from the variables). " + NEAREST_FOOTNOTE,
+        "weights + optimizer slots + Kahan buffers, from the variables). Weights moved: share "
+        "of trainable weights that differ from their initial value; last 10%: share that the "
+        "last 10% of the steps changed. " + NEAREST_FOOTNOTE,
         ""] + ([_info_lines(info)[0].replace("data: ", "Data: ", 1) + ".", ""] if info else []) + [
         f"Machine: {bench._machine_line(summary['machine'])}. Command: `{summary['command']}`. "
         f"Total {summary['elapsed_s']:.1f} s.", ""])
@@ -758,6 +786,11 @@ def _mean_std(values):
     return mean, std
 
 
+def _mean_or_none(values):
+    values = list(values)
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
 def tolerance(task, float32_mean):
     """Absolute tolerance on the gap: 0.5 pp for accuracy, else 1% relative."""
     if "accuracy" in task.metric.lower():
@@ -788,7 +821,9 @@ def summarize(task, per_seed, variants):
                  "bytes_per_parameter": per_seed[0][v]["bytes_per_parameter"],
                  "wall_s_mean": statistics.fmean(r[v]["wall_s"] for r in per_seed),
                  "weights_moved_mean": statistics.fmean(
-                     r[v]["weights_changed_fraction"] for r in per_seed)}
+                     r[v]["weights_changed_fraction"] for r in per_seed),
+                 "late_weights_moved_mean": _mean_or_none(
+                     r[v].get("late_weights_changed_fraction") for r in per_seed)}
         if ref is not None:
             gaps = [a - b for a, b in zip(values, ref)]
             gap, gap_std = _mean_std(gaps)
@@ -931,7 +966,7 @@ def _results_markdown(report, all_tasks, output):
                 + (f", {cfg['steps_per_epoch']} steps/epoch" if cfg["steps_per_epoch"] else "")
                 + f"; {entry['elapsed_s']:.0f} s for all runs.", ""]
         h = ["variant", "mean ± std", "per seed", "gap to float32", "2 std float32", "tolerance",
-             "matches", "weights moved", "B/param", "wall s/run"]
+             "matches", "weights moved", "moved in last 10%", "B/param", "wall s/run"]
         b = []
         for v in variants:
             s = entry["stats"][v]
@@ -944,13 +979,16 @@ def _results_markdown(report, all_tasks, output):
                       "-" if v == "float32" or "gap" not in s else
                       ("yes" if s["matches_float32"] else "no"),
                       f"{100 * s['weights_moved_mean']:.1f}%",
+                      "-" if s["late_weights_moved_mean"] is None
+                      else f"{100 * s['late_weights_moved_mean']:.1f}%",
                       f"{s['bytes_per_parameter']:.2f}", f"{s['wall_s_mean']:.1f}"])
         info = entry["runs"][0][variants[0]].get("task_info") or {}
         out += [bench._markdown_table(h, b, left=(0, 1, 2, 5, 6)), "",
                 "2 std float32: twice the std of float32's results over the seeds. Weights "
                 "moved: share of trainable weights that differ from their initial value at "
-                "the end (mean over seeds); round-to-nearest leaves weights whose every update "
-                "was below half an ulp untouched.", ""]
+                "the end; moved in last 10%: share that the last 10% of the steps changed "
+                "(means over seeds). Round-to-nearest leaves a weight untouched when every "
+                "update it received was below half an ulp of it.", ""]
         if info:
             out += [_info_lines(info)[0].replace("data: ", "Data (seed 0): ", 1) + ".", ""]
         out += [f"![{name} learning curves]({rel})", ""]
