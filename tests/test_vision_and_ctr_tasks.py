@@ -8,6 +8,7 @@ script runs in a subprocess with small sizes and must exit 0.
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import keras
@@ -33,6 +34,11 @@ def restore_global_state():
 @pytest.fixture
 def empty_tfds_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tensorflow_datasets"))
+    # tfds's DatasetInfo makes a tempfile.mkdtemp("tfds") it never removes:
+    # keep those under pytest's tmp_path instead of /tmp.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     return tmp_path / "tensorflow_datasets"
 
 
@@ -211,7 +217,7 @@ EXAMPLES = {
 def test_examples_run(tmp_path):
     """Each example exits 0 (run concurrently to keep the suite short)."""
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2",
-               TFDS_DATA_DIR=str(tmp_path / "tensorflow_datasets"))
+               TFDS_DATA_DIR=str(tmp_path / "tensorflow_datasets"), TMPDIR=str(tmp_path))
     processes = {}
     start = time.time()
     for script, args in EXAMPLES.items():
