@@ -147,6 +147,18 @@ def test_results_file(tmp_path):
         for variant, s in stats.items():
             assert len(s["values"]) == 2 and math.isfinite(s["mean"])
             assert isinstance(s["matches_float32"], bool)
+    # Re-rendering from the JSON, without training, gives the same report.
+    again = tmp_path / "again" / "results.md"
+    again.parent.mkdir()
+    status, text = _main(["results", "--from-json",
+                          str(tmp_path / "docs" / "results" / "results.json"),
+                          "--output", str(again)])
+    assert status == 0 and "from" in text
+    assert again.read_text() == md
+    for name in MY_TASKS:
+        assert (tmp_path / "again" / "results" / f"{name}.png").stat().st_size > 1000
+    status, _ = _main(["results", "--from-json", str(tmp_path / "missing.json")])
+    assert status == 2
 
 
 @pytest.mark.parametrize("name", sorted(all_tasks()))

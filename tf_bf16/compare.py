@@ -97,6 +97,7 @@ Example:
   python -m tf_bf16 results --seeds 3
   python -m tf_bf16 results --reduced --seeds 2 --tasks least_squares,digits_cnn \\
       --output /tmp/results.md
+  python -m tf_bf16 results --from-json docs/results/results.json   # re-render only
 """
 
 STOCK = "stock"
@@ -222,6 +223,10 @@ def add_results_arguments(parser):
         "--output", default=os.path.join("docs", "results.md"), metavar="PATH",
         help="the Markdown report to write (default docs/results.md); plots and "
              "results.json go to <its directory>/results/")
+    parser.add_argument(
+        "--from-json", metavar="PATH",
+        help="train nothing: re-render the report and plots from the results.json of an "
+             "earlier run (the report keeps that run's command, machine and times)")
 
 
 # ---------------------------------------------------------------------------
@@ -842,10 +847,12 @@ def run_results(args):
     """`results`: every task x variant x seed, docs/results.md."""
     from tf_bf16 import tasks as tasks_module
 
+    all_tasks = tasks_module.all_tasks()
+    if args.from_json:
+        return _render_results(args.from_json, args.output, all_tasks)
     keras, tf, _ = _import_keras()
     started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     started = time.perf_counter()
-    all_tasks = tasks_module.all_tasks()
     if args.tasks:
         names = [x.strip() for x in args.tasks.split(",") if x.strip()]
         unknown = [n for n in names if n not in all_tasks]
@@ -896,6 +903,40 @@ def run_results(args):
     with open(args.output, "w") as f:
         f.write(markdown)
     print(f"wrote {args.output} and {out_dir}/")
+    return 0
+
+
+def _render_results(json_path, output, all_tasks):
+    """`results --from-json`: the report and plots of an earlier run, no training."""
+    try:
+        with open(json_path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"cannot read {json_path}: {e}", file=sys.stderr)
+        return 2
+    unknown = [name for name in report.get("tasks", {}) if name not in all_tasks]
+    if unknown:
+        print(f"{json_path} has tasks this version does not know: {', '.join(unknown)}",
+              file=sys.stderr)
+        return 2
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(output)), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    variants = report["variants"]
+    for name, entry in report["tasks"].items():
+        task = all_tasks[name]
+        per_seed = entry["runs"]
+        entry["stats"] = summarize(task, per_seed, variants)
+        entry["plot"] = os.path.join(out_dir, f"{name}.png")
+        _plot_curves(entry["plot"], task,
+                     {v: [r[v]["curve"] for r in per_seed] for v in variants},
+                     f"{name}: mean +- std over {len(per_seed)} seed(s)",
+                     per_seed[0][variants[0]]["steps_per_epoch"])
+    new_json = os.path.join(out_dir, "results.json")
+    if os.path.abspath(new_json) != os.path.abspath(json_path):
+        _write_json(new_json, report)
+    with open(output, "w") as f:
+        f.write(_results_markdown(report, all_tasks, output))
+    print(f"wrote {output} and {out_dir}/ from {json_path}")
     return 0
 
 
