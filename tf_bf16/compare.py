@@ -424,12 +424,15 @@ def _fmt_gap(task, gap):
 class _Progress:
     """A keras Callback driving a tqdm bar over all steps of one variant."""
 
-    def __new__(cls, keras, total, desc, disable, snapshot_at=None):
+    def __new__(cls, keras, total, desc, disable, snapshot_at=None, evaluate_every=None,
+                evaluate=None, steps_per_epoch=None, format_metric=str):
         from tqdm import tqdm
 
         class Callback(keras.callbacks.Callback):
             """Also copies the trainable weights before global step ``snapshot_at``
-            (``self.snapshot``), to measure how many weights the last steps moved."""
+            (``self.snapshot``), to measure how many weights the last steps moved,
+            and records ``evaluate()`` every ``evaluate_every`` steps inside an
+            epoch (``self.points``: (global step, value); epoch ends excluded)."""
 
             def __init__(self):
                 super().__init__()
@@ -438,6 +441,7 @@ class _Progress:
                 self.metric = None
                 self.steps_done = 0
                 self.snapshot = None
+                self.points = []
 
             def on_train_batch_begin(self, batch, logs=None):
                 if self.steps_done == snapshot_at:
@@ -448,6 +452,11 @@ class _Progress:
             def on_train_batch_end(self, batch, logs=None):
                 self.steps_done += 1
                 self.bar.update(1)
+                if (evaluate_every and (batch + 1) % evaluate_every == 0
+                        and (steps_per_epoch is None or batch + 1 < steps_per_epoch)):
+                    value = float(evaluate())
+                    self.points.append((self.steps_done, value))
+                    self.metric = format_metric(value)
                 if logs and "loss" in logs and batch % 10 == 0:
                     post = {"loss": f"{float(logs['loss']):.4g}"}
                     if self.metric is not None:
@@ -482,10 +491,15 @@ def train_variant(task, variant, seed, data, initial_weights, cfg, progress=True
         # The last LATE_FRACTION of the steps: where the paper locates the lost
         # updates (small steps late in training).
         late_start = None if total is None else total - max(1, round(LATE_FRACTION * total))
-        bar = _Progress(keras, total, f"{task.name} seed {seed} {LABELS[variant]:>16}",
-                        not progress, snapshot_at=late_start)
         curve_fn = task.curve if task.curve is not None else task.evaluate
-        curve, losses = [], []
+        points = int(getattr(task, "curve_points_per_epoch", 1) or 1)
+        evaluate_every = (steps // points if steps is not None and points > 1
+                          and steps >= points else None)
+        bar = _Progress(keras, total, f"{task.name} seed {seed} {LABELS[variant]:>16}",
+                        not progress, snapshot_at=late_start, evaluate_every=evaluate_every,
+                        evaluate=lambda: curve_fn(model, data), steps_per_epoch=steps,
+                        format_metric=lambda value: _fmt_metric(task, value))
+        curve, curve_steps, losses = [], [], []
         try:
             for epoch in range(epochs):
                 keras.utils.set_random_seed(seed * 1000 + epoch)
@@ -497,8 +511,13 @@ def train_variant(task, variant, seed, data, initial_weights, cfg, progress=True
                     history = model.fit(data.train, epochs=1, steps_per_epoch=steps, shuffle=False,
                                         verbose=0, callbacks=[bar])
                 losses.append(float(history.history["loss"][-1]))
+                for step, value in bar.points:
+                    curve.append(value)
+                    curve_steps.append(step)
+                bar.points.clear()
                 value = float(curve_fn(model, data))
                 curve.append(value)
+                curve_steps.append(bar.steps_done)
                 bar.metric = _fmt_metric(task, value)
         finally:
             bar.close()
@@ -511,6 +530,7 @@ def train_variant(task, variant, seed, data, initial_weights, cfg, progress=True
             "seed": seed,
             "metric": final,
             "curve": curve,
+            "curve_steps": curve_steps,  # optimizer steps done at each curve point
             "train_loss": losses,
             "steps": int(optimizer.iterations.numpy()),
             "steps_per_epoch": steps,
@@ -585,14 +605,15 @@ def _compare_table(task, results):
 
 def _heading(task, cfg, seed):
     better = "higher" if task.higher_is_better else "lower"
-    return (f"{task.name}: {task.summary} Metric: {task.metric} ({better} is better). "
-            f"{cfg['optimizer']} lr {cfg['learning_rate']}, {cfg['epochs']} epochs, "
+    return (f"{task.name}: {_sentence(task.summary)} Metric: {task.metric} ({better} is better). "
+            f"{cfg['optimizer']} lr {cfg['learning_rate']}, {_epochs(cfg['epochs'])}, "
             f"batch {cfg['batch_size']}, seed {seed}"
             + (", reduced configuration" if cfg["reduced"] else ""))
 
 
-def _plot_curves(path, task, curves_by_variant, title, steps_per_epoch=None):
-    """curves_by_variant: variant -> list of curves (one per seed); mean +- std band."""
+def _plot_curves(path, task, curves_by_variant, title, steps_per_epoch=None, curve_steps=None):
+    """curves_by_variant: variant -> list of curves (one per seed); mean +- std band.
+    curve_steps: the optimizer step of each point (x axis); else epochs 1, 2, ..."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -601,7 +622,10 @@ def _plot_curves(path, task, curves_by_variant, title, steps_per_epoch=None):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, curves in curves_by_variant.items():
         arr = np.array(curves, dtype=np.float64)
-        epochs = np.arange(1, arr.shape[1] + 1)
+        if curve_steps and len(curve_steps) == arr.shape[1]:
+            epochs = np.asarray(curve_steps)
+        else:
+            epochs = np.arange(1, arr.shape[1] + 1)
         mean = arr.mean(0)
         ax.plot(epochs, mean, label=LABELS[variant], color=COLORS.get(variant), marker=".")
         if arr.shape[0] > 1:
@@ -612,7 +636,11 @@ def _plot_curves(path, task, curves_by_variant, title, steps_per_epoch=None):
         finite = np.concatenate([np.ravel(c) for c in curves_by_variant.values()])
         if np.all(np.isfinite(finite)) and np.all(finite > 0):
             ax.set_yscale("log")
-    ax.set_xlabel("epoch" + (f" ({steps_per_epoch} steps each)" if steps_per_epoch else ""))
+    if curve_steps:
+        ax.set_xlabel("optimizer step" + (f" ({steps_per_epoch} per epoch)"
+                                          if steps_per_epoch else ""))
+    else:
+        ax.set_xlabel("epoch" + (f" ({steps_per_epoch} steps each)" if steps_per_epoch else ""))
     ax.set_ylabel(task.metric)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
@@ -710,9 +738,10 @@ def run(args):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         png = os.path.join(args.out, "curves.png")
+        first = next(iter(results.values()))
         _plot_curves(png, task, {v: [r["curve"]] for v, r in results.items()},
-                     f"{task.name}, seed {args.seed}",
-                     next(iter(results.values()))["steps_per_epoch"])
+                     f"{task.name}, seed {args.seed}", first["steps_per_epoch"],
+                     first.get("curve_steps"))
         _write_json(os.path.join(args.out, "results.json"), summary)
         with open(os.path.join(args.out, "results.md"), "w") as f:
             f.write(md + "\n![learning curves](curves.png)\n")
@@ -886,7 +915,8 @@ def run_results(args):
         png = os.path.join(out_dir, f"{name}.png")
         _plot_curves(png, task, {v: [r[v]["curve"] for r in per_seed] for v in variants},
                      f"{name}: mean +- std over {args.seeds} seed(s)",
-                     per_seed[0][variants[0]]["steps_per_epoch"])
+                     per_seed[0][variants[0]]["steps_per_epoch"],
+                     per_seed[0][variants[0]].get("curve_steps"))
         report["tasks"][name] = {
             "summary": task.summary, "metric": task.metric,
             "higher_is_better": task.higher_is_better,
@@ -930,7 +960,8 @@ def _render_results(json_path, output, all_tasks):
         _plot_curves(entry["plot"], task,
                      {v: [r[v]["curve"] for r in per_seed] for v in variants},
                      f"{name}: mean +- std over {len(per_seed)} seed(s)",
-                     per_seed[0][variants[0]]["steps_per_epoch"])
+                     per_seed[0][variants[0]]["steps_per_epoch"],
+                     per_seed[0][variants[0]].get("curve_steps"))
     new_json = os.path.join(out_dir, "results.json")
     if os.path.abspath(new_json) != os.path.abspath(json_path):
         _write_json(new_json, report)
@@ -938,6 +969,20 @@ def _render_results(json_path, output, all_tasks):
         f.write(_results_markdown(report, all_tasks, output))
     print(f"wrote {output} and {out_dir}/ from {json_path}")
     return 0
+
+
+def _table_cell(text):
+    """One Markdown table cell: no line breaks, no unescaped pipes."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _epochs(count):
+    return f"{count} epoch" + ("" if count == 1 else "s")
+
+
+def _sentence(text):
+    text = text.strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def _pm(task, mean, std):
@@ -992,18 +1037,18 @@ def _results_markdown(report, all_tasks, output):
     if report["unavailable"]:
         out += ["## Tasks not run", "", "| task | why |", "| --- | --- |"]
         for name, message in report["unavailable"].items():
-            out.append(f"| {name} | {message} |")
+            out.append(f"| {name} | {_table_cell(message)} |")
         out.append("")
     for name, entry in report["tasks"].items():
         task = all_tasks[name]
         cfg = entry["config"]
         rel = os.path.relpath(entry["plot"], os.path.dirname(os.path.abspath(output)))
-        out += [f"## {name}", "", f"{task.summary}"
+        out += [f"## {name}", "", _sentence(task.summary)
                 + (f" Paper application: {task.paper_application}." if task.paper_application
                    else ""),
                 f"Metric: {task.metric} ({'higher' if task.higher_is_better else 'lower'} is "
-                f"better). {cfg['optimizer']} lr {cfg['learning_rate']}, {cfg['epochs']} "
-                f"epochs, batch {cfg['batch_size']}"
+                f"better). {cfg['optimizer']} lr {cfg['learning_rate']}, "
+                f"{_epochs(cfg['epochs'])}, batch {cfg['batch_size']}"
                 + (f", {cfg['steps_per_epoch']} steps/epoch" if cfg["steps_per_epoch"] else "")
                 + f"; {entry['elapsed_s']:.0f} s for all runs.", ""]
         h = ["variant", "mean ± std", "per seed", "gap to float32", "2 std float32", "tolerance",

@@ -70,6 +70,11 @@ class Task:
         """The task's metric on the held-out data."""
         raise NotImplementedError
 
-    # Optional: per-epoch (or per-N-steps) metric for learning curves; the
-    # runner calls it at every curve point when provided.
+    # Learning-curve points per epoch: 1 = at the end of every epoch; N > 1
+    # also every steps_per_epoch // N steps inside an epoch (for tasks that
+    # train one long epoch, e.g. one pass over a stream).
+    curve_points_per_epoch: int = 1
+
+    # Optional: the metric of the learning-curve points (default: evaluate);
+    # the runner calls it at every curve point when provided.
     curve: Optional[Callable] = None

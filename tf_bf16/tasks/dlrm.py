@@ -234,6 +234,7 @@ TASK = Dlrm(
     learning_rate=1e-3,
     epochs=1,
     batch_size=256,
+    curve_points_per_epoch=8,  # one long epoch: 8 learning-curve points
     reduced={"epochs": 1, "batch_size": 128, "vocab_sizes": REDUCED_VOCAB_SIZES,
              "train_examples": 4096, "test_examples": 2048},
 )

@@ -111,5 +111,6 @@ TASK = TransformerLMTask(
     learning_rate=1e-3,
     epochs=1,
     batch_size=32,
+    curve_points_per_epoch=8,  # one long epoch: 8 learning-curve points
     reduced=dict(batch_size=16),
 )
