@@ -19,7 +19,7 @@ build:
 	$(PIP) install -q --no-build-isolation -e .
 
 demo: install
-	$(PYTHON) -m tf_bf16 compare --task least_squares --out out/demo
+	$(PYTHON) -m tf_bf16 compare --task transformer_lm --include-stock --out out/demo
 
 test: install bazel-build
 	$(PYTHON) -m pytest -q tests
