@@ -22,6 +22,16 @@ def test_readme_quickstart_has_exactly_the_two_make_commands():
     assert commands == ["make demo", "make test"]
 
 
+def test_readme_says_what_make_demo_runs():
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        makefile = f.read()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    (command,) = [line.strip().replace("$(PYTHON)", "python") for line in recipe]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        quickstart = f.read().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    assert f"`make demo` runs `{command}`" in quickstart, command
+
+
 def test_every_op_function_is_specified_in_rounding_md():
     from tf_bf16 import ops
 

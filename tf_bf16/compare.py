@@ -101,6 +101,8 @@ Example:
 """
 
 STOCK = "stock"
+# A hand-written discussion next to the generated report; linked when present.
+DISCUSSION = "results_discussion.md"
 LATE_FRACTION = 0.1
 LABELS = {
     "float32": "float32",
@@ -613,38 +615,65 @@ def _heading(task, cfg, seed):
 
 def _plot_curves(path, task, curves_by_variant, title, steps_per_epoch=None, curve_steps=None):
     """curves_by_variant: variant -> list of curves (one per seed); mean +- std band.
-    curve_steps: the optimizer step of each point (x axis); else epochs 1, 2, ..."""
+    curve_steps: the optimizer step of each point (x axis); else epochs 1, 2, ...
+
+    With a float32 variant, a second panel shows each variant minus float32
+    (paired by seed): the differences that matter are often far smaller than
+    the metric's range over training and invisible in the first panel.
+    """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for variant, curves in curves_by_variant.items():
-        arr = np.array(curves, dtype=np.float64)
-        if curve_steps and len(curve_steps) == arr.shape[1]:
-            epochs = np.asarray(curve_steps)
-        else:
-            epochs = np.arange(1, arr.shape[1] + 1)
+    arrays = {v: np.array(c, dtype=np.float64) for v, c in curves_by_variant.items()}
+    length = {a.shape[1] for a in arrays.values()}
+    show_gap = "float32" in arrays and len(arrays) > 1 and len(length) == 1
+    if curve_steps and len(length) == 1 and len(curve_steps) == length.pop():
+        x = np.asarray(curve_steps)
+        xlabel = "optimizer step" + (f" ({steps_per_epoch} per epoch)" if steps_per_epoch else "")
+    else:
+        x = None
+        xlabel = "epoch" + (f" ({steps_per_epoch} steps each)" if steps_per_epoch else "")
+    fig, axes = plt.subplots(1, 2 if show_gap else 1, figsize=(12 if show_gap else 7, 4.5),
+                             squeeze=False)
+    ax = axes[0][0]
+
+    def band(axis, variant, arr):
+        xs = x if x is not None else np.arange(1, arr.shape[1] + 1)
         mean = arr.mean(0)
-        ax.plot(epochs, mean, label=LABELS[variant], color=COLORS.get(variant), marker=".")
+        axis.plot(xs, mean, label=LABELS[variant], color=COLORS.get(variant), marker=".")
         if arr.shape[0] > 1:
             std = arr.std(0, ddof=1)
-            ax.fill_between(epochs, mean - std, mean + std, alpha=0.2,
-                            color=COLORS.get(variant))
+            axis.fill_between(xs, mean - std, mean + std, alpha=0.2, color=COLORS.get(variant))
+
+    for variant, arr in arrays.items():
+        band(ax, variant, arr)
     if not task.higher_is_better:
-        finite = np.concatenate([np.ravel(c) for c in curves_by_variant.values()])
+        finite = np.concatenate([a.ravel() for a in arrays.values()])
         if np.all(np.isfinite(finite)) and np.all(finite > 0):
             ax.set_yscale("log")
-    if curve_steps:
-        ax.set_xlabel("optimizer step" + (f" ({steps_per_epoch} per epoch)"
-                                          if steps_per_epoch else ""))
-    else:
-        ax.set_xlabel("epoch" + (f" ({steps_per_epoch} steps each)" if steps_per_epoch else ""))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(task.metric)
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if show_gap:
+        gap_ax = axes[0][1]
+        scale = 100.0 if "accuracy" in task.metric.lower() else 1.0
+        # Stock Keras's gap (it may not train at all) would flatten the others.
+        for variant, arr in arrays.items():
+            if variant not in ("float32", STOCK):
+                band(gap_ax, variant, scale * (arr - arrays["float32"]))
+        gap_ax.axhline(0.0, color=COLORS["float32"], linewidth=1)
+        gap_ax.set_xlabel(xlabel)
+        gap_ax.set_ylabel(f"gap ({'pp' if scale == 100 else task.metric}; "
+                          + ("higher" if task.higher_is_better else "lower") + " is better)")
+        gap_ax.set_title("variant - float32, paired by seed"
+                         + (" (stock Keras: left only)" if STOCK in arrays else ""),
+                         fontsize=10)
+        gap_ax.grid(True, alpha=0.3)
+        gap_ax.legend()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -1028,6 +1057,9 @@ def _results_markdown(report, all_tasks, output):
         out += [bench._markdown_table(header, body, left=(0, 1)), ""]
     else:
         out += ["No task could run.", ""]
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(output)), DISCUSSION)):
+        out += [f"What these numbers mean, task by task (hand-written; check it against the "
+                f"numbers above after a regeneration): [{DISCUSSION}]({DISCUSSION}).", ""]
     out += ["Variants: float32 = Keras float32 policy with the stock Keras optimizer "
             "(sparse Embedding gradients densified, so that Keras's Adam computes its dense "
             "update, as the tf_bf16 optimizers do; see `compare --help`); "
