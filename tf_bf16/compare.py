@@ -638,24 +638,33 @@ def _plot_curves(path, task, curves_by_variant, title, steps_per_epoch=None, cur
     fig, axes = plt.subplots(1, 2 if show_gap else 1, figsize=(12 if show_gap else 7, 4.5),
                              squeeze=False)
     ax = axes[0][0]
+    values = np.concatenate([a.ravel() for a in arrays.values()])
+    log_scale = (not task.higher_is_better and np.all(np.isfinite(values))
+                 and np.all(values > 0))
 
-    def band(axis, variant, arr):
+    def band(axis, variant, arr, min_max=False):
         xs = x if x is not None else np.arange(1, arr.shape[1] + 1)
         mean = arr.mean(0)
         axis.plot(xs, mean, label=LABELS[variant], color=COLORS.get(variant), marker=".")
         if arr.shape[0] > 1:
-            std = arr.std(0, ddof=1)
-            axis.fill_between(xs, mean - std, mean + std, alpha=0.2, color=COLORS.get(variant))
+            if min_max:
+                low, high = arr.min(0), arr.max(0)
+            else:
+                std = arr.std(0, ddof=1)
+                low, high = mean - std, mean + std
+            axis.fill_between(xs, low, high, alpha=0.2, color=COLORS.get(variant))
 
+    # On a log axis a mean - std band can reach zero or below: show min..max.
     for variant, arr in arrays.items():
-        band(ax, variant, arr)
-    if not task.higher_is_better:
-        finite = np.concatenate([a.ravel() for a in arrays.values()])
-        if np.all(np.isfinite(finite)) and np.all(finite > 0):
-            ax.set_yscale("log")
+        band(ax, variant, arr, min_max=log_scale)
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(task.metric)
-    ax.set_title(title, fontsize=10)
+    several = any(a.shape[0] > 1 for a in arrays.values())
+    ax.set_title(title + ("" if not several else
+                          " (band: min..max)" if log_scale else " (band: +- std)"),
+                 fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     if show_gap:
@@ -669,7 +678,7 @@ def _plot_curves(path, task, curves_by_variant, title, steps_per_epoch=None, cur
         gap_ax.set_xlabel(xlabel)
         gap_ax.set_ylabel(f"gap ({'pp' if scale == 100 else task.metric}; "
                           + ("higher" if task.higher_is_better else "lower") + " is better)")
-        gap_ax.set_title("variant - float32, paired by seed"
+        gap_ax.set_title("variant - float32, paired by seed" + (" (mean +- std)" if several else "")
                          + (" (stock Keras: left only)" if STOCK in arrays else ""),
                          fontsize=10)
         gap_ax.grid(True, alpha=0.3)
@@ -943,7 +952,7 @@ def run_results(args):
         stats = summarize(task, per_seed, variants)
         png = os.path.join(out_dir, f"{name}.png")
         _plot_curves(png, task, {v: [r[v]["curve"] for r in per_seed] for v in variants},
-                     f"{name}: mean +- std over {args.seeds} seed(s)",
+                     f"{name}: mean over {args.seeds} seed(s)",
                      per_seed[0][variants[0]]["steps_per_epoch"],
                      per_seed[0][variants[0]].get("curve_steps"))
         report["tasks"][name] = {
@@ -988,7 +997,7 @@ def _render_results(json_path, output, all_tasks):
         entry["plot"] = os.path.join(out_dir, f"{name}.png")
         _plot_curves(entry["plot"], task,
                      {v: [r[v]["curve"] for r in per_seed] for v in variants},
-                     f"{name}: mean +- std over {len(per_seed)} seed(s)",
+                     f"{name}: mean over {len(per_seed)} seed(s)",
                      per_seed[0][variants[0]]["steps_per_epoch"],
                      per_seed[0][variants[0]].get("curve_steps"))
     new_json = os.path.join(out_dir, "results.json")

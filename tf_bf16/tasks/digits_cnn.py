@@ -2,9 +2,16 @@
 
 1797 images, a fixed stratified 80/20 train/test split (the same for every
 seed); the seed changes the initial weights and the data order. SGD with
-momentum 0.9. Metric: test accuracy. In plain bf16 the BatchNormalization
-moving statistics and the small weight updates are rounded away; see
-NOTES on the digits CNN (float32 ~98.5%, stock bf16 SGD ~54% at 30 epochs).
+momentum 0.9, learning rate 0.01, batch 32, 30 epochs. Metric: test accuracy
+(360 test images: one image is 0.28 percentage points).
+
+Model: two Conv2D(3x3, no bias) - BatchNormalization - ReLU - MaxPool blocks
+(32 and 64 filters), Flatten, Dense(10). In plain bf16 the small weight
+updates and the BatchNormalization moving statistics are rounded to nearest.
+The project's NOTES.md reports a collapse of stock Keras bf16 SGD to 53.6% on
+a small Conv-BatchNorm CNN of this kind; this task does not reproduce it:
+stock Keras bf16 SGD (`compare --include-stock`) reaches 98.33% for seed 0,
+the same as bf16 nearest, against 99.17% in float32.
 """
 
 import dataclasses
