@@ -29,6 +29,7 @@ get it when it is missing. The pipeline is tested with
 ``tfds.testing.mock_data`` (tests/test_vision_and_ctr_tasks.py).
 """
 
+import glob
 import math
 import os
 
@@ -196,6 +197,10 @@ class ResNetCifar10(Task):
         except ImportError:
             return ("tensorflow-datasets is not installed: "
                     "pip install tensorflow-datasets==4.9.10. " + message.format(dir=data_dir()))
+        # Look on disk first: for a dataset that is not prepared, tfds.builder
+        # asks GCS for its metadata (network) and leaves a temp directory behind.
+        if not glob.glob(os.path.join(data_dir(), "cifar10", "*", "dataset_info.json")):
+            return message.format(dir=data_dir())
         try:
             builder = tfds.builder("cifar10", data_dir=data_dir())
             if builder.is_prepared():
