@@ -15,6 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUTPUT = os.path.join(ROOT, "docs", "api.md")
+# Document the checkout this script belongs to, whatever is installed.
+sys.path.insert(0, ROOT)
 
 
 def _entries():
