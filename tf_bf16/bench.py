@@ -144,31 +144,22 @@ _FUSED_MEMORY_CASES = ("fused_sgd_sr", "fused_sgd_kahan", "fused_adam_sr")
 # ---------------------------------------------------------------------------
 # Command line.
 
-def _positive_int(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _int_at_least(minimum):
+    """An argparse type: an integer (decimal or 0x...) that is >= minimum."""
+    def parse(text):
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
 
 
-def _non_negative_int(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _param_count(text):
-    value = _positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError("must be >= 2")
-    return value
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+_param_count = _int_at_least(2)
 
 
 def add_arguments(parser):
@@ -232,30 +223,40 @@ def run(args):
     results["targets"] = _verdict(results)
     results["elapsed_s"] = time.perf_counter() - started
 
-    text = _format_text(results)
-    print(text, flush=True)
+    write_results(results, args, _format_text, _format_markdown)
+    return 0
+
+
+def write_results(results, args, format_text, format_markdown):
+    """Prints the text report; writes --json and --markdown when asked."""
+    print(format_text(results), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
             f.write("\n")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(_format_markdown(results))
-    return 0
+            f.write(format_markdown(results))
 
 
 # ---------------------------------------------------------------------------
 # Setup shared by the timing run and the memory subprocesses.
 
-def _import_tensorflow():
+def import_tensorflow_keras(command):
+    """(tf, keras), quiet, with Keras on its TensorFlow backend, which `command` needs."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import tensorflow as tf
     import keras
 
     if keras.backend.backend() != "tensorflow":
-        raise SystemExit(f"The benchmark needs the TensorFlow Keras backend; KERAS_BACKEND "
+        raise SystemExit(f"{command} needs the TensorFlow Keras backend; KERAS_BACKEND "
                          f"is {keras.backend.backend()!r}.")
+    return tf, keras
+
+
+def _import_tensorflow():
+    tf, keras = import_tensorflow_keras("The benchmark")
     from tf_bf16 import ops, reference
 
     ops._lib()  # load the op library now: a build problem surfaces here
@@ -382,11 +383,11 @@ def _call(step):
 # ---------------------------------------------------------------------------
 # Timing.
 
-def _progress(total, desc, disable):
+def _progress(total, desc, disable, unit="call"):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=disable, leave=False,
-                unit="call", dynamic_ncols=True)
+                unit=unit, dynamic_ncols=True)
 
 
 def _run_timing(env, args):
@@ -843,7 +844,13 @@ def _format_text(results):
         if not all(c["hwm_reset_ok"] for c in mem["cases"]):
             lines.append("WARNING: resetting VmHWM via /proc/self/clear_refs did not work; "
                          "the extra memory is overestimated.")
-    lines += ["", "verdict:"]
+    lines += _verdict_lines(results)
+    return "\n".join(lines)
+
+
+def _verdict_lines(results):
+    """The text report's verdict: one line per target, then the count of misses."""
+    lines = ["", "verdict:"]
     for t in results["targets"]:
         aim = f"; {t['aim']}" if t.get("aim") else ""
         lines.append(f"  {t['status']:<7} {t['target']}: {t['value']} "
@@ -851,7 +858,7 @@ def _format_text(results):
     missed = sum(t["status"] == "MISS" for t in results["targets"])
     lines.append(f"{missed} of {len(results['targets'])} targets missed; total run time "
                  f"{results['elapsed_s']:.0f} s")
-    return "\n".join(lines)
+    return lines
 
 
 def _markdown_table(header, body, left=(1,)):

@@ -72,14 +72,11 @@ run, for each model of ``--model`` (an MLP and a small CNN by default):
 The verdict prints PASS or MISS for each target.
 """
 
-import argparse
-import json
 import math
-import os
 import statistics
-import sys
 import time
 
+from tf_bf16 import bench
 from tf_bf16.bench import _non_negative_int
 from tf_bf16.bench import _positive_int
 
@@ -204,16 +201,6 @@ BYTES_REFERENCE = "keras_adam_mixed"
 # ---------------------------------------------------------------------------
 # Command line.
 
-def _non_negative_int(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def add_arguments(parser):
     """Adds the bench-fit options to an argparse parser."""
     parser.add_argument(
@@ -280,7 +267,6 @@ def run(args):
     started = time.perf_counter()
     env = _import_tensorflow(args.threads)
     tf, keras = env["tf"], env["keras"]
-    from tf_bf16 import bench
     from tf_bf16 import policy
 
     models = list(MODELS) if args.model == "all" else [args.model]
@@ -314,15 +300,7 @@ def run(args):
     results["targets"] = _verdict(results)
     results["elapsed_s"] = time.perf_counter() - started
 
-    text = _format_text(results)
-    print(text, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-            f.write("\n")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(_format_markdown(results))
+    bench.write_results(results, args, _format_text, _format_markdown)
     return 0
 
 
@@ -338,14 +316,8 @@ def _restore_policy(keras, policy, state, keras_policy):
 
 
 def _import_tensorflow(threads=0):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import tensorflow as tf
-    import keras
 
-    if keras.backend.backend() != "tensorflow":
-        raise SystemExit(f"The benchmark needs the TensorFlow Keras backend; KERAS_BACKEND "
-                         f"is {keras.backend.backend()!r}.")
+    tf, keras = bench.import_tensorflow_keras("The benchmark")
     if threads:
         threading = tf.config.threading
         current = (threading.get_intra_op_parallelism_threads(),
@@ -465,13 +437,6 @@ def _loss(keras):
 # ---------------------------------------------------------------------------
 # Timing.
 
-def _progress(total, desc, disable):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=disable, leave=False,
-                unit="round", dynamic_ncols=True)
-
-
 def _step_timer_class(keras):
     class StepTimer(keras.callbacks.Callback):
         """Times every batch of a fit call; the loss read-back synchronizes."""
@@ -506,7 +471,6 @@ def _fit_round(model, dataset, steps, timer_class):
 
 def _run_timing(env, spec, args):
     tf, keras, tf_bf16 = env["tf"], env["keras"], env["tf_bf16"]
-    from tf_bf16 import bench
 
     tf_bf16.set_policy(seed=SEED)
     keras.utils.set_random_seed(SEED)
@@ -528,8 +492,8 @@ def _run_timing(env, spec, args):
     functions = {k: [] for k in keys}
     cores = {k: [] for k in keys}
     warmup = max(1, args.warmup)
-    with _progress((warmup + args.repeats) * len(keys), f"bench-fit {spec['model']}: fit",
-                   args.no_progress) as bar:
+    with bench._progress((warmup + args.repeats) * len(keys), f"bench-fit {spec['model']}: fit",
+                         args.no_progress, unit="round") as bar:
         for _ in range(warmup):
             for k in keys:
                 _fit_round(models[k], dataset, min(args.steps, 3), timer_class)
@@ -588,7 +552,6 @@ def _run_timing(env, spec, args):
 def _time_apply(env, spec, base, models, x, y, args):
     """Median time of one optimizer.apply with fixed bf16 gradients, per row."""
     tf, keras = env["tf"], env["keras"]
-    from tf_bf16 import bench
 
     xb = tf.constant(x[:spec["batch_size"]])
     yb = tf.constant(y[:spec["batch_size"]])
@@ -612,8 +575,9 @@ def _time_apply(env, spec, base, models, x, y, args):
     times = {k: [] for k in keys}
     logger = tf.get_logger()
     level = logger.level
-    with _progress((1 + args.repeats) * len(keys), f"bench-fit {spec['model']}: apply alone",
-                   args.no_progress) as bar:
+    with bench._progress((1 + args.repeats) * len(keys),
+                         f"bench-fit {spec['model']}: apply alone", args.no_progress,
+                         unit="round") as bar:
         # Tracing seven different functions in a row trips TF's retracing warning.
         logger.setLevel("ERROR")
         try:
@@ -890,7 +854,6 @@ def _entry_heading(entry, results):
 
 
 def _format_text(results):
-    from tf_bf16 import bench
 
     m, cfg = results["machine"], results["config"]
     lines = ["tf_bf16 fit benchmark: model.fit step time and training-state bytes per parameter",
@@ -910,18 +873,11 @@ def _format_text(results):
             lines += ["", f"training-state bytes per parameter ({entry['spec']['model']}):",
                       bench._text_table(*_bytes_table(entry), left=(0, 1, 2, 7))]
             lines += _bytes_notes(entry)
-    lines += ["", "verdict:"]
-    for t in results["targets"]:
-        lines.append(f"  {t['status']:<7} {t['target']}: {t['value']} "
-                     f"(target {t['threshold']})")
-    missed = sum(t["status"] == "MISS" for t in results["targets"])
-    lines.append(f"{missed} of {len(results['targets'])} targets missed; total run time "
-                 f"{results['elapsed_s']:.0f} s")
+    lines += bench._verdict_lines(results)
     return "\n".join(lines)
 
 
 def _format_markdown(results):
-    from tf_bf16 import bench
 
     m = results["machine"]
     out = ["### model.fit step time and training-state bytes per parameter", "",

@@ -125,16 +125,6 @@ NEAREST_FOOTNOTE = (
 # ---------------------------------------------------------------------------
 # Command line.
 
-def _positive_int(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
-
-
 def _positive_float(text):
     try:
         value = float(text)
@@ -159,17 +149,17 @@ def _variant_list(text):
 
 def _add_training_options(parser):
     parser.add_argument(
-        "--epochs", type=_positive_int, metavar="N",
+        "--epochs", type=bench._positive_int, metavar="N",
         help="epochs (curve points) to train, overriding the task's (see 'list')")
     parser.add_argument(
-        "--steps", type=_positive_int, metavar="N",
+        "--steps", type=bench._positive_int, metavar="N",
         help="optimizer steps per epoch, overriding the task's (for array data: the first N "
              "batches of each shuffled epoch)")
     parser.add_argument(
         "--learning-rate", type=_positive_float, metavar="LR",
         help="learning rate, overriding the task's (see 'list')")
     parser.add_argument(
-        "--batch-size", type=_positive_int, metavar="B",
+        "--batch-size", type=bench._positive_int, metavar="B",
         help="batch size, overriding the task's (array data only)")
     parser.add_argument(
         "--reduced", action="store_true",
@@ -214,7 +204,7 @@ def add_list_arguments(parser):
 def add_results_arguments(parser):
     """Options of `results`."""
     parser.add_argument(
-        "--seeds", type=_positive_int, default=3, metavar="N",
+        "--seeds", type=bench._positive_int, default=3, metavar="N",
         help="seeds per task and variant: 0..N-1 (default 3); mean +- std over them")
     parser.add_argument(
         "--tasks", metavar="LIST",
@@ -235,16 +225,9 @@ def add_results_arguments(parser):
 # Setup.
 
 def _import_keras():
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import keras
-    import tensorflow as tf
-
+    tf, keras = bench.import_tensorflow_keras("compare")
     import tf_bf16
 
-    if keras.backend.backend() != "tensorflow":
-        raise SystemExit(f"compare needs the TensorFlow Keras backend; KERAS_BACKEND is "
-                         f"{keras.backend.backend()!r}.")
     return keras, tf, tf_bf16
 
 
@@ -767,8 +750,11 @@ def run(args):
              "share of trainable weights that differ from their initial value; last 10%: "
              "share that the last 10% of the steps changed (round-to-nearest leaves a weight "
              "untouched when every update was below half an ulp of it).",
-             NEAREST_FOOTNOTE] + _info_lines(next(iter(results.values()))["task_info"]) + [
-             f"total {elapsed:.1f} s"]
+             NEAREST_FOOTNOTE]
+    info = next(iter(results.values()))["task_info"]
+    if info:
+        lines.append(f"data: {_info_text(info)}")
+    lines.append(f"total {elapsed:.1f} s")
     text = "\n".join(lines)
     print(text, flush=True)
     md = _compare_markdown(task, cfg, args.seed, summary, header, body)
@@ -797,11 +783,9 @@ def run(args):
     return 0
 
 
-def _info_lines(info):
-    """Task facts (TaskData.info) as 'data: key = value' lines."""
-    if not info:
-        return []
-    return ["data: " + "; ".join(f"{k} = {_fmt_info(v)}" for k, v in info.items())]
+def _info_text(info):
+    """Task facts (TaskData.info) as 'key = value; ...'."""
+    return "; ".join(f"{k} = {_fmt_info(v)}" for k, v in info.items())
 
 
 def _fmt_info(value):
@@ -819,7 +803,7 @@ def _compare_markdown(task, cfg, seed, summary, header, body):
         "weights + optimizer slots + Kahan buffers, from the variables). Weights moved: share "
         "of trainable weights that differ from their initial value; last 10%: share that the "
         "last 10% of the steps changed. " + NEAREST_FOOTNOTE,
-        ""] + ([_info_lines(info)[0].replace("data: ", "Data: ", 1) + ".", ""] if info else []) + [
+        ""] + ([f"Data: {_info_text(info)}.", ""] if info else []) + [
         f"Machine: {bench._machine_line(summary['machine'])}. Command: `{summary['command']}`. "
         f"Total {summary['elapsed_s']:.1f} s.", ""])
 
@@ -950,11 +934,7 @@ def run_results(args):
         for seed in range(args.seeds):
             per_seed.append(run_task(task, seed, variants, cfg, progress=not args.no_progress))
         stats = summarize(task, per_seed, variants)
-        png = os.path.join(out_dir, f"{name}.png")
-        _plot_curves(png, task, {v: [r[v]["curve"] for r in per_seed] for v in variants},
-                     f"{name}: mean over {args.seeds} seed(s)",
-                     per_seed[0][variants[0]]["steps_per_epoch"],
-                     per_seed[0][variants[0]].get("curve_steps"))
+        png = _plot_task(out_dir, name, task, per_seed, variants)
         report["tasks"][name] = {
             "summary": task.summary, "metric": task.metric,
             "higher_is_better": task.higher_is_better,
@@ -972,6 +952,16 @@ def run_results(args):
         f.write(markdown)
     print(f"wrote {args.output} and {out_dir}/")
     return 0
+
+
+def _plot_task(out_dir, name, task, per_seed, variants):
+    """<out_dir>/<name>.png: the task's curves over all seeds; returns its path."""
+    png = os.path.join(out_dir, f"{name}.png")
+    first = per_seed[0][variants[0]]
+    _plot_curves(png, task, {v: [r[v]["curve"] for r in per_seed] for v in variants},
+                 f"{name}: mean over {len(per_seed)} seed(s)", first["steps_per_epoch"],
+                 first.get("curve_steps"))
+    return png
 
 
 def _render_results(json_path, output, all_tasks):
@@ -994,12 +984,7 @@ def _render_results(json_path, output, all_tasks):
         task = all_tasks[name]
         per_seed = entry["runs"]
         entry["stats"] = summarize(task, per_seed, variants)
-        entry["plot"] = os.path.join(out_dir, f"{name}.png")
-        _plot_curves(entry["plot"], task,
-                     {v: [r[v]["curve"] for r in per_seed] for v in variants},
-                     f"{name}: mean over {len(per_seed)} seed(s)",
-                     per_seed[0][variants[0]]["steps_per_epoch"],
-                     per_seed[0][variants[0]].get("curve_steps"))
+        entry["plot"] = _plot_task(out_dir, name, task, per_seed, variants)
     new_json = os.path.join(out_dir, "results.json")
     if os.path.abspath(new_json) != os.path.abspath(json_path):
         _write_json(new_json, report)
@@ -1117,6 +1102,6 @@ def _results_markdown(report, all_tasks, output):
                 "(means over seeds). Round-to-nearest leaves a weight untouched when every "
                 "update it received was below half an ulp of it.", ""]
         if info:
-            out += [_info_lines(info)[0].replace("data: ", "Data (seed 0): ", 1) + ".", ""]
+            out += [f"Data (seed 0): {_info_text(info)}.", ""]
         out += [f"![{name} learning curves]({rel})", ""]
     return "\n".join(out)
