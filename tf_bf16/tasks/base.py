@@ -49,6 +49,19 @@ class Task:
     optimizer_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # Overrides used by the CI tests (reduced sizes; must run in seconds).
     reduced: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A task's own settings (model and data sizes, step counts), full and what
+    # the reduced configuration changes; ``config`` merges them. Optional.
+    sizes: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    reduced_sizes: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def config(self, reduced: bool) -> Dict[str, Any]:
+        """``sizes`` and the batch size; reduced: updated by ``reduced_sizes``, then
+        by ``reduced``."""
+        cfg = dict(self.sizes, batch_size=self.batch_size)
+        if reduced:
+            cfg.update(self.reduced_sizes)
+            cfg.update(self.reduced)
+        return cfg
 
     def available(self) -> Optional[str]:
         """None if the task can run here, else a message saying what is missing

@@ -114,13 +114,6 @@ def mask_for_mlm(ids, rng, rate=0.15):
 @dataclasses.dataclass
 class BertTask(Task):
 
-    def config(self, reduced):
-        cfg = dict(DEFAULTS, batch_size=self.batch_size)
-        if reduced:
-            cfg.update(REDUCED)
-            cfg.update(self.reduced)
-        return cfg
-
     def make_data(self, seed, reduced=False):
         import tensorflow as tf
 
@@ -204,5 +197,7 @@ TASK = BertTask(
     epochs=1,
     batch_size=32,
     curve_points_per_epoch=8,  # one long epoch: 8 learning-curve points
+    sizes=DEFAULTS,
+    reduced_sizes=REDUCED,
     reduced=dict(batch_size=16),
 )

@@ -107,13 +107,6 @@ def synthesize(labels, rng, noise=1.5):
 @dataclasses.dataclass
 class RecurrentTask(Task):
 
-    def config(self, reduced):
-        cfg = dict(DEFAULTS, batch_size=self.batch_size)
-        if reduced:
-            cfg.update(REDUCED)
-            cfg.update(self.reduced)
-        return cfg
-
     def make_data(self, seed, reduced=False):
         cfg = self.config(reduced)
         train_rng, test_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
@@ -161,5 +154,7 @@ TASK = RecurrentTask(
     learning_rate=0.05,
     epochs=20,
     batch_size=32,
+    sizes=DEFAULTS,
+    reduced_sizes=REDUCED,
     reduced=dict(epochs=1),
 )

@@ -43,13 +43,6 @@ REDUCED = dict(seq_len=32, dim=32, heads=2, ff_dim=64, layers=1, steps=30,
 @dataclasses.dataclass
 class TransformerLMTask(Task):
 
-    def config(self, reduced):
-        cfg = dict(DEFAULTS, batch_size=self.batch_size)
-        if reduced:
-            cfg.update(REDUCED)
-            cfg.update(self.reduced)
-        return cfg
-
     def make_data(self, seed, reduced=False):
         cfg = self.config(reduced)
         train_files, held_files = _text.split_files()
@@ -112,5 +105,7 @@ TASK = TransformerLMTask(
     epochs=1,
     batch_size=32,
     curve_points_per_epoch=8,  # one long epoch: 8 learning-curve points
+    sizes=DEFAULTS,
+    reduced_sizes=REDUCED,
     reduced=dict(batch_size=16),
 )
