@@ -12,6 +12,25 @@ ROUNDINGS = ("nearest", "stochastic", "kahan")
 DTYPES = (tf.bfloat16, tf.float32)
 
 
+def fresh_global_state(seed):
+    """An autouse fixture for a test module: every test starts and ends with
+    Keras's float32 policy and no tf_bf16 policy, and starts from `seed`.
+    Use: ``restore_global_state = fresh_global_state(1234)``."""
+    import keras
+    import tf_bf16
+
+    @pytest.fixture(autouse=True)
+    def restore_global_state():
+        tf_bf16.reset_policy()
+        keras.config.set_dtype_policy("float32")
+        keras.utils.set_random_seed(seed)
+        yield
+        tf_bf16.reset_policy()
+        keras.config.set_dtype_policy("float32")
+
+    return restore_global_state
+
+
 def available_devices():
     """CPU always; GPU when this TensorFlow sees one (the CUDA kernels' tests)."""
     devices = ["CPU"]

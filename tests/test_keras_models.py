@@ -17,19 +17,12 @@ import pytest
 import tf_bf16
 from tf_bf16 import optimizers as bf16_optimizers
 
-from conftest import ROUNDINGS
+from conftest import ROUNDINGS, fresh_global_state
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 
-@pytest.fixture(autouse=True)
-def restore_global_state():
-    tf_bf16.reset_policy()
-    keras.config.set_dtype_policy("float32")
-    keras.utils.set_random_seed(2024)
-    yield
-    tf_bf16.reset_policy()
-    keras.config.set_dtype_policy("float32")
+restore_global_state = fresh_global_state(2024)
 
 
 @pytest.fixture(scope="module")

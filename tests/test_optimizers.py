@@ -35,22 +35,14 @@ import tensorflow as tf
 import tf_bf16
 from tf_bf16 import optimizers as bf16_optimizers
 
-from conftest import ROUNDINGS, assert_bits_equal, bits
+from conftest import ROUNDINGS, assert_bits_equal, bits, fresh_global_state
 
 F32 = np.float32
 U_F32 = 2.0**-24          # float32 unit roundoff
 OPTIMIZER_NAMES = ("SGD", "Adam", "AdamW", "Lion")
 
 
-@pytest.fixture(autouse=True)
-def restore_global_state():
-    """Every test starts and ends with Keras's float32 policy and no tf_bf16 policy."""
-    tf_bf16.reset_policy()
-    keras.config.set_dtype_policy("float32")
-    keras.utils.set_random_seed(1234)
-    yield
-    tf_bf16.reset_policy()
-    keras.config.set_dtype_policy("float32")
+restore_global_state = fresh_global_state(1234)
 
 
 def keras_optimizer(name, **kwargs):

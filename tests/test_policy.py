@@ -25,17 +25,10 @@ import tensorflow as tf
 import tf_bf16
 from tf_bf16 import optimizers as bf16_optimizers
 
-from conftest import assert_bits_equal
+from conftest import assert_bits_equal, fresh_global_state
 
 
-@pytest.fixture(autouse=True)
-def restore_global_state():
-    tf_bf16.reset_policy()
-    keras.config.set_dtype_policy("float32")
-    keras.utils.set_random_seed(4321)
-    yield
-    tf_bf16.reset_policy()
-    keras.config.set_dtype_policy("float32")
+restore_global_state = fresh_global_state(4321)
 
 
 def data(n=32, features=4, outputs=3, seed=0):

@@ -25,19 +25,12 @@ import tensorflow as tf
 import tf_bf16
 from tf_bf16 import optimizers as bf16_optimizers
 
-from conftest import assert_bits_equal
+from conftest import assert_bits_equal, fresh_global_state
 
 N_EPOCHS, M_EPOCHS = 2, 2      # 4 steps per epoch
 
 
-@pytest.fixture(autouse=True)
-def restore_global_state():
-    tf_bf16.reset_policy()
-    keras.config.set_dtype_policy("float32")
-    keras.utils.set_random_seed(99)
-    yield
-    tf_bf16.reset_policy()
-    keras.config.set_dtype_policy("float32")
+restore_global_state = fresh_global_state(99)
 
 
 def data():
