@@ -1,4 +1,6 @@
-"""Shared fixtures: devices to run on, bit-level comparison helpers."""
+"""Shared fixtures: devices to run on, bit-level comparison helpers.
+
+The rounding modes come from the package (`tf_bf16.ROUNDINGS`), not from here."""
 
 import os
 
@@ -8,7 +10,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-ROUNDINGS = ("nearest", "stochastic", "kahan")
 DTYPES = (tf.bfloat16, tf.float32)
 
 

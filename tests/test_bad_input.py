@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import DTYPES, ROUNDINGS, assert_bits_equal
+from conftest import DTYPES, assert_bits_equal
+from tf_bf16 import ROUNDINGS
 from tf_bf16 import _loader
 from tf_bf16 import ops
 

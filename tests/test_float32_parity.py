@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import DTYPES, ROUNDINGS, assert_bits_equal, bits
+from conftest import DTYPES, assert_bits_equal, bits
+from tf_bf16 import ROUNDINGS
 from tf_bf16 import ops
 
 LR = 0.0137

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_bf16 import ROUNDINGS
 from tf_bf16 import ops
 
-from conftest import ROUNDINGS, assert_bits_equal, bits
+from conftest import assert_bits_equal, bits
 
 N_SIGMA = 5.0
 U_BF16 = 2.0**-8

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 import tf_bf16
+from tf_bf16 import ROUNDINGS
 from tf_bf16 import optimizers as bf16_optimizers
 
-from conftest import ROUNDINGS, fresh_global_state
+from conftest import fresh_global_state
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import DTYPES, ROUNDINGS, assert_bits_equal, bits
+from conftest import DTYPES, assert_bits_equal, bits
+from tf_bf16 import ROUNDINGS
 from tf_bf16 import _loader
 from tf_bf16 import ops
 from tf_bf16 import reference

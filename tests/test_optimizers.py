@@ -33,9 +33,10 @@ import pytest
 import tensorflow as tf
 
 import tf_bf16
+from tf_bf16 import ROUNDINGS
 from tf_bf16 import optimizers as bf16_optimizers
 
-from conftest import ROUNDINGS, assert_bits_equal, bits, fresh_global_state
+from conftest import assert_bits_equal, bits, fresh_global_state
 
 F32 = np.float32
 U_F32 = 2.0**-24          # float32 unit roundoff

@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 from tf_bf16 import ops  # noqa: E402,F401
 from tf_bf16 import optimizers  # noqa: E402,F401
+from tf_bf16._args import ROUNDINGS  # noqa: E402,F401
 from tf_bf16._loader import OpLibraryError  # noqa: E402,F401
 from tf_bf16.policy import StrictPolicyError  # noqa: E402,F401
 from tf_bf16.policy import check_model  # noqa: E402,F401

@@ -5,7 +5,7 @@ from tf_bf16.optimizers import base
 
 
 @keras.saving.register_keras_serializable(package="tf_bf16")
-class Adam(base.RoundingMixin, keras.optimizers.Adam):
+class Adam(base.Bf16Optimizer, keras.optimizers.Adam):
     """Adam for pure-bfloat16 training.
 
     A drop-in replacement for `keras.optimizers.Adam`: same arguments, same
@@ -93,48 +93,26 @@ class Adam(base.RoundingMixin, keras.optimizers.Adam):
             loss_scale_factor=loss_scale_factor,
             gradient_accumulation_steps=gradient_accumulation_steps,
             name=name,
+            rounding=rounding,
+            seed=seed,
             **kwargs,
         )
-        self._init_rounding(rounding, seed)
 
-    def build(self, var_list):
-        """Creates the moments (and AMSGrad maxima) and Kahan buffers."""
-        if self.built:
-            return
-        super().build(var_list)
-        self._build_rounding(var_list)
-
-    def update_step(self, gradient, variable, learning_rate):
-        """One fused, in-place update of `variable`."""
-        if not base.has_fused_update(variable):
-            return self._keras_update_step(super().update_step, gradient, variable,
-                                           learning_rate)
-        apply_adam_step(self, gradient, variable, learning_rate)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._rounding_config())
-        return config
-
-
-def apply_adam_step(optimizer, gradient, variable, learning_rate):
-    """The fused update shared by Adam and AdamW."""
-    index = optimizer._get_variable_index(variable)
-    ops.apply_adam(
-        variable,
-        base.dense_gradient(gradient),  # Keras's Adam moves every row's moments
-        optimizer._momentums[index],
-        optimizer._velocities[index],
-        learning_rate,
-        beta_1=optimizer.beta_1,
-        beta_2=optimizer.beta_2,
-        epsilon=optimizer.epsilon,
-        step=optimizer.iterations,
-        vhat=optimizer._velocity_hats[index] if optimizer.amsgrad else None,
-        weight_decay=optimizer._weight_decay_for(variable),
-        **optimizer._stream(variable),
-    )
-
-
-Adam.__doc__ = Adam.__doc__.replace(
-    "{{base_optimizer_keyword_args}}", base.BASE_OPTIMIZER_KEYWORD_ARGS)
+    def fused_update_step(self, gradient, variable, learning_rate):
+        """One fused, in-place update of `variable` (`tf_bf16.ops.apply_adam`),
+        AdamW's decoupled weight decay included."""
+        index = self._get_variable_index(variable)
+        ops.apply_adam(
+            variable,
+            base.dense_gradient(gradient),  # Keras's Adam moves every row's moments
+            self._momentums[index],
+            self._velocities[index],
+            learning_rate,
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            step=self.iterations,
+            vhat=self._velocity_hats[index] if self.amsgrad else None,
+            weight_decay=self._weight_decay_for(variable),
+            **self._stream(variable),
+        )

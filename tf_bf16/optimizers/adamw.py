@@ -1,11 +1,10 @@
 import keras
 
 from tf_bf16.optimizers import adam
-from tf_bf16.optimizers import base
 
 
 @keras.saving.register_keras_serializable(package="tf_bf16")
-class AdamW(base.RoundingMixin, keras.optimizers.AdamW):
+class AdamW(adam.Adam, keras.optimizers.AdamW):
     """AdamW (Adam with decoupled weight decay) for pure-bfloat16 training.
 
     A drop-in replacement for `keras.optimizers.AdamW`: same arguments, same
@@ -79,29 +78,7 @@ class AdamW(base.RoundingMixin, keras.optimizers.AdamW):
             loss_scale_factor=loss_scale_factor,
             gradient_accumulation_steps=gradient_accumulation_steps,
             name=name,
+            rounding=rounding,
+            seed=seed,
             **kwargs,
         )
-        self._init_rounding(rounding, seed)
-
-    def build(self, var_list):
-        """Creates the moments (and AMSGrad maxima) and Kahan buffers."""
-        if self.built:
-            return
-        super().build(var_list)
-        self._build_rounding(var_list)
-
-    def update_step(self, gradient, variable, learning_rate):
-        """One fused, in-place update of `variable`, weight decay included."""
-        if not base.has_fused_update(variable):
-            return self._keras_update_step(super().update_step, gradient, variable,
-                                           learning_rate)
-        adam.apply_adam_step(self, gradient, variable, learning_rate)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._rounding_config())
-        return config
-
-
-AdamW.__doc__ = AdamW.__doc__.replace(
-    "{{base_optimizer_keyword_args}}", base.BASE_OPTIMIZER_KEYWORD_ARGS)

@@ -1,13 +1,26 @@
-"""What every tf_bf16 optimizer adds to its Keras counterpart.
+"""What every tf_bf16 optimizer adds to its Keras counterpart, written once.
 
-- ``rounding`` ("kahan", "stochastic" or "nearest") and ``seed`` arguments;
+An optimizer file (sgd.py, adam.py, ...) holds only its `__init__` (Keras's
+arguments and defaults, plus `rounding` and `seed`) and its fused update
+(`fused_update_step`). Its class puts `Bf16Optimizer` before the Keras class
+it replaces (`class SGD(Bf16Optimizer, keras.optimizers.SGD)`), so that the
+methods here wrap Keras's:
+
+- ``rounding`` ("kahan", "stochastic" or "nearest") and ``seed`` arguments,
+  saved in the config;
 - Kahan compensation buffers (bfloat16, one per bfloat16 weight) when
-  ``rounding="kahan"``;
+  ``rounding="kahan"``, created after Keras's slots;
+- `update_step`: the fused update on bfloat16 and float32 variables, Keras's
+  own update on the others (float16, float64);
 - decoupled weight decay folded into the fused update (one rounding per step,
   instead of Keras's separate bf16 ``assign``);
 - EMA weights and gradient accumulators updated with the same rounding
   machinery, since they too are bf16 state moved by small increments;
-- the strict all-bf16 policy check when the optimizer is built.
+- the strict all-bf16 policy check when the optimizer is built;
+- the Keras docstring splice (``{{base_optimizer_keyword_args}}``).
+
+Not here: the update math itself (tf_bf16.ops and the C++ kernels) and the
+policy (tf_bf16.policy).
 
 Random streams (docs/rounding.md, section 6): weight ``i`` of the optimizer's
 variable list uses ``var_id = i``; its EMA copy ``i + 2**32`` and its gradient
@@ -23,11 +36,10 @@ import keras
 import tensorflow as tf
 from keras.src.optimizers import optimizer as _keras_optimizer
 
-
 from tf_bf16 import ops
 from tf_bf16 import policy
+from tf_bf16._args import ROUNDINGS
 
-ROUNDINGS = ("kahan", "stochastic", "nearest")
 EMA_STREAM = 1 << 32
 GRADIENT_ACCUMULATOR_STREAM = 2 << 32
 
@@ -72,15 +84,29 @@ def deduplicated_slices(gradient):
     return tf.IndexedSlices(values, unique_indices, gradient.dense_shape)
 
 
-class RoundingMixin:
-    """Rounding, Kahan buffers, folded weight decay, rounded EMA/accumulators."""
+class Bf16Optimizer:
+    """Rounding, Kahan buffers, folded weight decay, rounded EMA/accumulators.
 
-    def _init_rounding(self, rounding, seed):
+    A mixin placed before a Keras optimizer class; subclasses implement
+    `fused_update_step`.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__doc__ is not None:
+            cls.__doc__ = cls.__doc__.replace("{{base_optimizer_keyword_args}}",
+                                              BASE_OPTIMIZER_KEYWORD_ARGS)
+
+    def __init__(self, *, rounding="kahan", seed=None, **kwargs):
+        super().__init__(**kwargs)
         self.rounding = check_rounding(rounding)
         self.seed = resolve_seed(seed)
 
-    def _build_rounding(self, variables):
-        """Creates the Kahan buffers; call from build() after super().build()."""
+    def build(self, variables):
+        """Creates Keras's slots, then the Kahan compensation buffers."""
+        if self.built:
+            return
+        super().build(variables)
         policy.check_optimizer_variables(self, variables)
         self._compensations = []
         for variable in variables:
@@ -89,6 +115,27 @@ class RoundingMixin:
             self._compensations.append(
                 self.add_variable_from_reference(variable, name="kahan_compensation")
                 if needs_buffer else None)
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One fused, in-place update of `variable` (Keras's update for float16/float64)."""
+        if has_fused_update(variable):
+            return self.fused_update_step(gradient, variable, learning_rate)
+        # Outside the policy: Keras's own math, after the weight decay that
+        # _apply_weight_decay leaves to the update step.
+        weight_decay = self._weight_decay_for(variable)
+        if weight_decay:
+            lr = tf.cast(learning_rate, variable.dtype)
+            variable.assign(variable - variable * tf.cast(weight_decay, variable.dtype) * lr)
+        return super().update_step(gradient, variable, learning_rate)
+
+    def fused_update_step(self, gradient, variable, learning_rate):
+        """The fused update of a bfloat16 or float32 `variable`, weight decay included."""
+        raise NotImplementedError(f"{type(self).__name__} must implement fused_update_step.")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"rounding": self.rounding, "seed": self.seed})
+        return config
 
     def _stream(self, variable):
         """Keyword arguments of the fused ops for this variable."""
@@ -114,14 +161,6 @@ class RoundingMixin:
                                                    initializer=initializer)
         slot._tf_bf16_slot_of = weakref.ref(reference_variable)
         return slot
-
-    def _keras_update_step(self, keras_update_step, gradient, variable, learning_rate):
-        """float16/float64 variables (outside the policy): Keras's own update."""
-        weight_decay = self._weight_decay_for(variable)
-        if weight_decay:
-            lr = tf.cast(learning_rate, variable.dtype)
-            variable.assign(variable - variable * tf.cast(weight_decay, variable.dtype) * lr)
-        return keras_update_step(gradient, variable, learning_rate)
 
     def _state_rounding(self):
         """Rounding for bf16 state without a Kahan buffer (EMA, accumulators)."""
@@ -159,5 +198,3 @@ class RoundingMixin:
                                    step=self._iterations,
                                    var_id=index + GRADIENT_ACCUMULATOR_STREAM)
 
-    def _rounding_config(self):
-        return {"rounding": self.rounding, "seed": self.seed}

@@ -5,7 +5,7 @@ from tf_bf16.optimizers import base
 
 
 @keras.saving.register_keras_serializable(package="tf_bf16")
-class Lion(base.RoundingMixin, keras.optimizers.Lion):
+class Lion(base.Bf16Optimizer, keras.optimizers.Lion):
     """Lion for pure-bfloat16 training.
 
     A drop-in replacement for `keras.optimizers.Lion`: same arguments, same
@@ -75,22 +75,13 @@ class Lion(base.RoundingMixin, keras.optimizers.Lion):
             loss_scale_factor=loss_scale_factor,
             gradient_accumulation_steps=gradient_accumulation_steps,
             name=name,
+            rounding=rounding,
+            seed=seed,
             **kwargs,
         )
-        self._init_rounding(rounding, seed)
 
-    def build(self, var_list):
-        """Creates the momentum and Kahan buffers."""
-        if self.built:
-            return
-        super().build(var_list)
-        self._build_rounding(var_list)
-
-    def update_step(self, gradient, variable, learning_rate):
-        """One fused, in-place update of `variable`."""
-        if not base.has_fused_update(variable):
-            return self._keras_update_step(super().update_step, gradient, variable,
-                                           learning_rate)
+    def fused_update_step(self, gradient, variable, learning_rate):
+        """One fused, in-place update of `variable` (`tf_bf16.ops.apply_lion`)."""
         ops.apply_lion(
             variable,
             base.dense_gradient(gradient),
@@ -102,12 +93,3 @@ class Lion(base.RoundingMixin, keras.optimizers.Lion):
             step=self._iterations,
             **self._stream(variable),
         )
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._rounding_config())
-        return config
-
-
-Lion.__doc__ = Lion.__doc__.replace(
-    "{{base_optimizer_keyword_args}}", base.BASE_OPTIMIZER_KEYWORD_ARGS)

@@ -5,7 +5,7 @@ from tf_bf16.optimizers import base
 
 
 @keras.saving.register_keras_serializable(package="tf_bf16")
-class SGD(base.RoundingMixin, keras.optimizers.SGD):
+class SGD(base.Bf16Optimizer, keras.optimizers.SGD):
     """Gradient descent (with momentum) for pure-bfloat16 training.
 
     A drop-in replacement for `keras.optimizers.SGD`: same arguments, same
@@ -79,22 +79,13 @@ class SGD(base.RoundingMixin, keras.optimizers.SGD):
             loss_scale_factor=loss_scale_factor,
             gradient_accumulation_steps=gradient_accumulation_steps,
             name=name,
+            rounding=rounding,
+            seed=seed,
             **kwargs,
         )
-        self._init_rounding(rounding, seed)
 
-    def build(self, variables):
-        """Creates momentum accumulators and Kahan compensation buffers."""
-        if self.built:
-            return
-        super().build(variables)
-        self._build_rounding(variables)
-
-    def update_step(self, gradient, variable, learning_rate):
-        """One fused, in-place update of `variable`."""
-        if not base.has_fused_update(variable):
-            return self._keras_update_step(super().update_step, gradient, variable,
-                                           learning_rate)
+    def fused_update_step(self, gradient, variable, learning_rate):
+        """One fused, in-place update of `variable` (`tf_bf16.ops.apply_sgd`)."""
         index = self._get_variable_index(variable)
         accumulator = self.momentums[index] if self.momentum != 0 else None
         if accumulator is not None or self._weight_decay_for(variable):
@@ -113,12 +104,3 @@ class SGD(base.RoundingMixin, keras.optimizers.SGD):
             step=self._iterations,
             **self._stream(variable),
         )
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(self._rounding_config())
-        return config
-
-
-SGD.__doc__ = SGD.__doc__.replace(
-    "{{base_optimizer_keyword_args}}", base.BASE_OPTIMIZER_KEYWORD_ARGS)
