@@ -500,8 +500,6 @@ def test_stochastic_round_refuses_other_dtypes(device):
 def test_lion_bad_input(device, dtype, rounding):
     """apply_lion, added after the others: the same checks, compactly."""
     lib = _lib()
-    if not hasattr(lib, "tf_bf16_resource_apply_lion"):
-        pytest.skip("the installed op library predates apply_lion: rebuild it")
     state = _state("momentum", dtype, rounding)
     state["m"] = state.pop("accum")
     comp = state.get("compensation")

@@ -22,7 +22,6 @@ import tensorflow as tf
 
 from conftest import DTYPES, assert_bits_equal, bits
 from tf_bf16 import ROUNDINGS
-from tf_bf16 import _loader
 from tf_bf16 import ops
 from tf_bf16 import reference
 
@@ -329,8 +328,6 @@ LION_VARIANTS = [Variant("lion", "lion"), Variant("lion_wd", "lion", weight_deca
 @pytest.mark.parametrize("variant", LION_VARIANTS, ids=repr)
 def test_lion_matches_reference(device, variant, dtype, gdtype, rounding):
     """apply_lion (added after the other ops): same cases as the dense matrix."""
-    if not hasattr(_loader.load(), "tf_bf16_resource_apply_lion"):
-        pytest.skip("the installed op library predates apply_lion: rebuild it")
     checker = BitChecker()
     rng = np.random.default_rng(2468)
     for shape, kind in DENSE_CASES:
@@ -545,8 +542,6 @@ def test_lion_sign_of_a_zero_matches_reference(device, dtype, rounding):
     the kernel's SignKeepNan returns c itself, -0.0, so delta = +0.0 and the
     weight becomes +0.0.
     """
-    if not hasattr(_loader.load(), "tf_bf16_resource_apply_lion"):
-        pytest.skip("the installed op library predates apply_lion: rebuild it")
     n = 37
     state = {"var": _uniform(0x80000000, n, dtype), "m": _uniform(0x80000000, n, dtype)}
     if rounding == "kahan" and dtype == tf.bfloat16:
