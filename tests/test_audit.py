@@ -1,4 +1,4 @@
-"""tf_bf16.audit: variables, bytes per parameter, float32 ops of the step, the bf16 loss."""
+"""tf_bf16.audit (variables, bytes per parameter, float32 ops of the step) and tf_bf16.losses."""
 
 import json
 
@@ -8,10 +8,11 @@ import pytest
 import tensorflow as tf
 
 import tf_bf16
-from tf_bf16.audit import audit as audit_function
-from tf_bf16.audit import BFloat16SoftmaxCrossEntropy
-from tf_bf16.audit import bf16_loss
-from tf_bf16.audit import softmax_cross_entropy_bf16
+from tf_bf16.auditing import AuditReport
+from tf_bf16.auditing import audit as audit_function
+from tf_bf16.losses import BFloat16SoftmaxCrossEntropy
+from tf_bf16.losses import bf16_loss
+from tf_bf16.losses import softmax_cross_entropy_bf16
 
 # bf16's unit roundoff: half the spacing just above 1.0.
 BF16_UNIT_ROUNDOFF = 2.0**-8
@@ -304,6 +305,8 @@ def test_bf16_loss_refuses_what_has_no_sound_bf16_form():
         one_hot(tf.constant([[0.7, 0.3]]), tf.constant([[1.0, 2.0]], tf.bfloat16))
 
 
-def test_audit_is_exported_with_its_fix():
+def test_audit_and_the_bf16_loss_are_exported():
     assert tf_bf16.audit is audit_function
-    assert tf_bf16.audit.bf16_loss is bf16_loss
+    assert tf_bf16.AuditReport is AuditReport
+    assert isinstance(audit_function(small_cnn(), trace=False), AuditReport)
+    assert tf_bf16.losses.bf16_loss is bf16_loss

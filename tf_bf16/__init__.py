@@ -7,12 +7,15 @@
 
 ``tf_bf16.ops`` holds the fused, in-place bf16 update ops (stochastic rounding
 and Kahan summation); ``tf_bf16.reference`` a pure-TensorFlow implementation of
-the same specification (docs/rounding.md). The compiled op library is loaded
-on first use.
+the same specification (docs/rounding.md); ``tf_bf16.losses`` the bf16
+softmax cross-entropy; ``tf_bf16.audit(model)`` (package ``tf_bf16.auditing``)
+reports what a training step still stores and computes in 32 bits. The
+compiled op library is loaded on first use.
 """
 
 __version__ = "0.1.0"
 
+from tf_bf16 import losses  # noqa: E402,F401
 from tf_bf16 import ops  # noqa: E402,F401
 from tf_bf16 import optimizers  # noqa: E402,F401
 from tf_bf16._args import ROUNDINGS  # noqa: E402,F401
@@ -23,4 +26,5 @@ from tf_bf16.policy import keep_float32  # noqa: E402,F401
 from tf_bf16.policy import prepare_model  # noqa: E402,F401
 from tf_bf16.policy import reset_policy  # noqa: E402,F401
 from tf_bf16.policy import set_policy  # noqa: E402,F401
-from tf_bf16.audit import audit  # noqa: E402,F401
+from tf_bf16.auditing import AuditReport  # noqa: E402,F401
+from tf_bf16.auditing import audit  # noqa: E402,F401
