@@ -36,9 +36,8 @@ def fresh_global_state(seed):
 def device():
     """Runs the test on the CPU, the only device with tf_bf16 kernels today.
 
-    A GPU parameter would not test a GPU kernel: TensorFlow's soft placement
-    would run the CPU kernel again under another name. Parametrize over the
-    devices again when their kernels exist."""
+    No GPU kernel exists, so a GPU parameter could not test one. Parametrize
+    over the devices again when their kernels exist."""
     with tf.device("/CPU:0"):
         yield "CPU"
 

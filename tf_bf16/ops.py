@@ -13,6 +13,10 @@ never cause retracing), and the rounding:
 float32 variables are updated exactly (the rounding only applies to bfloat16).
 The rounding specification is docs/rounding.md; ``tf_bf16.reference`` is a
 pure-TensorFlow implementation of the same functions, bit-identical.
+
+The ops have CPU kernels only: no CUDA kernel and no XLA lowering exist yet, so
+inside ``tf.function(jit_compile=True)`` (or ``model.compile(jit_compile=True)``)
+they fail (on the CPU: "No registered 'TfBf16>...' OpKernel for XLA_CPU_JIT devices").
 """
 
 import tensorflow as tf
