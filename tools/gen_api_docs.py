@@ -63,7 +63,7 @@ def render():
         lines += [f"## {section}", ""]
         for obj in objects:
             kind = "class" if inspect.isclass(obj) else "function"
-            lines += [f"### `{_qualified_name(obj)}`", "", f"```python",
+            lines += [f"### `{_qualified_name(obj)}`", "", "```python",
                       f"{kind} {_qualified_name(obj)}{_signature(obj)}", "```", ""]
             lines += [inspect.cleandoc(obj.__doc__ or "(undocumented)"), ""]
     return "\n".join(lines).rstrip() + "\n"
