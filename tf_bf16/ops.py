@@ -97,13 +97,14 @@ def apply_sgd(variable, gradient, learning_rate, momentum=0.0, accumulator=None,
               seed=0, step=0, var_id=0, name=None):
     """Fused SGD step (momentum, Nesterov, decoupled weight decay), in place.
 
-    With an ``accumulator``: ``accum = accum * momentum + grad`` and
-    ``variable -= learning_rate * accum`` (Nesterov:
-    ``variable -= grad * lr + accum * momentum * lr``), the formulation of
-    ``tf.raw_ops.ResourceApplyMomentum``. Without one:
-    ``variable -= learning_rate * grad``. A non-zero ``weight_decay`` also
-    subtracts ``variable * weight_decay * learning_rate``. The math runs in
-    float32 and each state tensor is rounded once.
+    With an ``accumulator``: ``accum = accum * momentum - grad * lr`` and
+    ``variable += accum`` (Nesterov:
+    ``variable += accum * momentum - grad * lr``), Keras's formulation and
+    that of ``tf.raw_ops.ResourceApplyKerasMomentum``: the accumulator holds
+    the rate-scaled step, so under a learning-rate schedule it is Keras's
+    momentum slot. Without one: ``variable -= grad * lr``. A non-zero
+    ``weight_decay`` also subtracts ``variable * weight_decay * lr``. The math
+    runs in float32 and each state tensor is rounded once.
 
     Args:
         variable: bfloat16 or float32 variable.

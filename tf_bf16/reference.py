@@ -149,13 +149,12 @@ def _commit_weight(weight, delta, dtype, rounding, compensation, stream):
 
 def _sgd_math(w, accum, g, lr, momentum, weight_decay, nesterov):
     new_accum = None
-    if accum is not None:
-        new_accum = accum * momentum + g
-        step = g * lr + (new_accum * momentum) * lr if nesterov else new_accum * lr
+    if accum is not None:   # Keras's formulation: the accumulator holds -lr * velocity
+        new_accum = accum * momentum - g * lr
+        update = new_accum * momentum - g * lr if nesterov else new_accum
     else:
-        step = g * lr
-    delta = -step
-    return _decayed(delta, w, weight_decay, lr), new_accum
+        update = -(g * lr)
+    return _decayed(update, w, weight_decay, lr), new_accum
 
 
 def _decayed(delta, w, weight_decay, lr):

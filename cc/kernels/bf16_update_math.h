@@ -269,7 +269,7 @@ inline StreamKeys MakeStreamKeys(int64_t seed, int64_t step, int64_t var_id) {
 
 // ---------------------------------------------------------------------------
 // Optimizer math. Formulations follow TensorFlow's training_ops so that
-// float32 variables get exactly tf.raw_ops.ResourceApplyMomentum /
+// float32 variables get exactly tf.raw_ops.ResourceApplyKerasMomentum /
 // ResourceApplyAdam results.
 
 struct SgdScalars {
@@ -334,17 +334,18 @@ TF_BF16_HOST_DEVICE void SgdElement(S* var, S* accum, uint16_t* compensation, fl
                                     int64_t i, uint32_t lo, const SgdScalars& p,
                                     const LaneKeys& keys) {
   const float w = Load(var[i]);
-  float step;
+  float update;  // added to w
   if (kUseMomentum) {
-    const float a = Load(accum[i]) * p.momentum + g;
+    // Keras's formulation: the accumulator holds the rate-scaled step, so a
+    // learning-rate schedule changes only the new gradient's contribution.
+    const float a = Load(accum[i]) * p.momentum - g * p.lr;
     StoreState<R>(a, &accum[i], keys.first_slot, lo);
-    const float nesterov_step = g * p.lr + (a * p.momentum) * p.lr;
-    const float plain_step = a * p.lr;
-    step = SelectByMask(p.nesterov_mask, nesterov_step, plain_step);
+    const float nesterov_update = a * p.momentum - g * p.lr;
+    update = SelectByMask(p.nesterov_mask, nesterov_update, a);
   } else {
-    step = g * p.lr;
+    update = -(g * p.lr);
   }
-  const float delta = MaybeDecayedDelta(p.weight_decay_mask, -step, w, p.weight_decay, p.lr);
+  const float delta = MaybeDecayedDelta(p.weight_decay_mask, update, w, p.weight_decay, p.lr);
   CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight, lo);
 }
 

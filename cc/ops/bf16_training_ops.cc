@@ -92,11 +92,11 @@ REGISTER_OP("TfBf16>ResourceApplySgd")
           c, {"lr", "momentum", "weight_decay", "seed", "step", "var_id"});
     })
     .Doc(R"doc(
-Fused SGD step, in place, one pass over memory:
-accum = accum * momentum + grad; var -= lr * accum (Nesterov:
-var -= grad * lr + accum * momentum * lr), with decoupled weight decay
-var -= var * weight_decay * lr folded in. Without `accum` (num_accum = 0),
-var -= lr * grad. Math in float32; var and accum rounded once.
+Fused SGD step, in place, one pass over memory, in Keras's formulation
+(tf.raw_ops.ResourceApplyKerasMomentum): accum = accum * momentum - grad * lr;
+var += accum (Nesterov: var += accum * momentum - grad * lr), with decoupled
+weight decay var -= var * weight_decay * lr folded in. Without `accum`
+(num_accum = 0), var -= grad * lr. Math in float32; var and accum rounded once.
 )doc");
 
 REGISTER_OP("TfBf16>ResourceApplyAdam")
@@ -185,7 +185,7 @@ REGISTER_OP("TfBf16>ResourceSparseApplySgd")
     .Doc(R"doc(
 ResourceApplySgd on the rows `indices` of var (and its slots) only, with
 grad[k] the gradient of row indices[k]. Duplicate indices are applied one after
-another in the order given, as tf.raw_ops.ResourceSparseApplyMomentum does.
+another in the order given, as tf.raw_ops.ResourceSparseApplyKerasMomentum does.
 )doc");
 
 REGISTER_OP("TfBf16>ResourceSparseApplyAdam")

@@ -15,14 +15,16 @@ class SGD(base.Bf16Optimizer, keras.optimizers.SGD):
     smaller than half a bfloat16 ulp are not lost. float32 variables get the
     exact update.
 
-    Update rule for parameter `w` with gradient `g` (the formulation of
-    `tf.raw_ops.ResourceApplyMomentum`; equal to Keras's when the learning
-    rate is constant):
+    Update rule for parameter `w` with gradient `g` (Keras's, in the same
+    float32 operation order, so the momentum slot means what Keras's means
+    under any learning-rate schedule):
 
     ```python
-    accum = momentum * accum + g
-    w = w - learning_rate * accum          # nesterov: w - lr * (g + momentum * accum)
+    velocity = momentum * velocity - learning_rate * g
+    w = w + velocity                       # nesterov: w + momentum * velocity - learning_rate * g
     ```
+
+    When `momentum` is 0: `w = w - learning_rate * g`.
 
     Args:
         learning_rate: A float, a
