@@ -4,19 +4,23 @@ PIP := $(PYTHON) -m pip
 # tensorflow-cpu and tensorflow are one module in two distributions; set
 # TF_PACKAGE=tensorflow==2.21.0 for the GPU-capable wheel.
 TF_PACKAGE ?= tensorflow-cpu==2.21.0
+# The extras of setup.py to install: lab (the tools' packages: tqdm,
+# matplotlib, scikit-learn, tensorflow-datasets) and test (pytest, hypothesis).
+EXTRAS ?= lab,test
 STAMP := .make-install.stamp
 
 .PHONY: install build demo test bench bazel-build clean
 
-# Installs every dependency, then builds the op library against that TensorFlow.
+# Installs TensorFlow and Keras, then builds the op library against that
+# TensorFlow and installs tf_bf16 (editable) with its extras.
 install: $(STAMP)
 $(STAMP): setup.py Makefile $(wildcard cc/*/*.cc cc/*/*.h)
-	$(PIP) install -q "$(TF_PACKAGE)" "keras==3.15.1" pytest tqdm matplotlib scikit-learn tensorflow-datasets==4.9.10
+	$(PIP) install -q "$(TF_PACKAGE)" "keras==3.15.1"
 	$(MAKE) build
 	touch $(STAMP)
 
 build:
-	$(PIP) install -q --no-build-isolation -e .
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
 
 demo: install
 	$(PYTHON) -m tf_bf16 compare --task transformer_lm --include-stock --out out/demo

@@ -11,7 +11,7 @@ the same specification (docs/rounding.md). The compiled op library is loaded
 on first use.
 """
 
-__version__ = "0.1.0"
+from tf_bf16._version import __version__  # noqa: F401
 
 from tf_bf16 import ops  # noqa: E402,F401
 from tf_bf16 import optimizers  # noqa: E402,F401
