@@ -9,7 +9,7 @@ TF_PACKAGE ?= tensorflow-cpu==2.21.0
 EXTRAS ?= lab,test
 STAMP := .make-install.stamp
 
-.PHONY: install build demo test bench bazel-build clean
+.PHONY: install build demo test test-fast bench bazel-build clean
 
 # Installs TensorFlow and Keras, then builds the op library against that
 # TensorFlow and installs tf_bf16 (editable) with its extras.
@@ -25,8 +25,15 @@ build:
 demo: install
 	$(PYTHON) -m tf_bf16 compare --task transformer_lm --include-stock --out out/demo
 
+# Everything: the library, the tools (pytest -m lab), the slow tests (-m slow)
+# and the Bazel build; prints the 15 slowest tests.
 test: install bazel-build
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=15 tests
+
+# The library's tests (ops, reference, optimizers, policy, audit, save/serve)
+# without the tools' tests and the slow ones: TEST_FAST_TIME on 2 cores.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not lab and not slow" tests
 
 bench: install
 	$(PYTHON) -m tf_bf16 bench
