@@ -4,25 +4,37 @@ PIP := $(PYTHON) -m pip
 # tensorflow-cpu and tensorflow are one module in two distributions; set
 # TF_PACKAGE=tensorflow==2.21.0 for the GPU-capable wheel.
 TF_PACKAGE ?= tensorflow-cpu==2.21.0
+# The extras of setup.py to install: lab (the tools' packages: tqdm,
+# matplotlib, scikit-learn, tensorflow-datasets) and test (pytest, hypothesis).
+EXTRAS ?= lab,test
 STAMP := .make-install.stamp
 
-.PHONY: install build demo test bench bazel-build clean
+.PHONY: install build demo test test-fast bench bazel-build clean
 
-# Installs every dependency, then builds the op library against that TensorFlow.
+# Installs TensorFlow and Keras, then builds the op library against that
+# TensorFlow and installs tf_bf16 (editable) with its extras.
 install: $(STAMP)
 $(STAMP): setup.py Makefile $(wildcard cc/*/*.cc cc/*/*.h)
-	$(PIP) install -q "$(TF_PACKAGE)" "keras==3.15.1" pytest tqdm matplotlib scikit-learn tensorflow-datasets==4.9.10
+	$(PIP) install -q "$(TF_PACKAGE)" "keras==3.15.1"
 	$(MAKE) build
 	touch $(STAMP)
 
 build:
-	$(PIP) install -q --no-build-isolation -e .
+	$(PIP) install -q --no-build-isolation -e ".[$(EXTRAS)]"
 
 demo: install
 	$(PYTHON) -m tf_bf16 compare --task transformer_lm --include-stock --out out/demo
 
+# Everything: the library, the tools (pytest -m lab), the slow tests (-m slow)
+# and the Bazel build; prints the 15 slowest tests.
 test: install bazel-build
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=15 tests
+
+# The library's tests (ops, reference, optimizers, policy, audit, save/serve)
+# without the tools' tests and the slow ones: ~1,100 tests, measured 3 min 45 s
+# on 2 quiet cores and 5 min 10 s on 2 cores busy with other work.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not lab and not slow" tests
 
 bench: install
 	$(PYTHON) -m tf_bf16 bench

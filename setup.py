@@ -10,6 +10,11 @@ installed first::
 Under pip's default build isolation TensorFlow is not importable inside the
 build; ``setup.py`` then asks the same interpreter outside the isolated
 environment, so plain ``pip install .`` works too.
+
+The library needs Keras and NumPy only. The tools (``python -m tf_bf16
+bench``, ``compare``, ...; ``tf_bf16.lab``) need the ``lab`` extra, the tests
+the ``lab`` and ``test`` extras: ``pip install --no-build-isolation -e
+".[lab,test]"`` (what ``make install`` does).
 """
 
 import json
@@ -27,6 +32,15 @@ OP_SOURCES = [
     "cc/ops/bf16_training_ops.cc",
     "cc/kernels/bf16_training_ops.cc",
 ]
+
+
+def read_version():
+    """tf_bf16/_version.py's __version__, read without importing tf_bf16 (which
+    imports TensorFlow)."""
+    with open(os.path.join(ROOT, "tf_bf16", "_version.py")) as f:
+        return re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
+
+
 HEADERS = [
     "cc/kernels/bf16_update_math.h",
     "cc/kernels/bf16_training_ops.h",
@@ -126,7 +140,7 @@ class BuildTfOps(build_ext):
 
 setup(
     name="tf_bf16",
-    version="0.1.0",
+    version=read_version(),
     description="Pure-bfloat16 training for Keras/TensorFlow: stochastic rounding and "
                 "Kahan-compensated fused optimizer updates",
     long_description=open(os.path.join(ROOT, "README.md")).read(),
@@ -140,8 +154,14 @@ setup(
     # tensorflow-cpu are two distributions of one module, and depending on
     # either would install it beside the other. The library is built against
     # whichever is installed.
-    install_requires=["keras>=3.15,<3.16", "numpy", "tqdm"],
-    extras_require={"test": ["pytest"], "cpu": ["tensorflow-cpu==2.21.0"],
-                    "gpu": ["tensorflow[and-cuda]==2.21.0"]},
+    install_requires=["keras>=3.15,<3.16", "numpy"],
+    extras_require={
+        # The tools of tf_bf16.lab: progress bars, plots, and the tasks' data
+        # (scikit-learn's bundled datasets; TensorFlow Datasets for CIFAR-10).
+        "lab": ["tqdm", "matplotlib", "scikit-learn", "tensorflow-datasets==4.9.10"],
+        "test": ["pytest", "hypothesis"],
+        "cpu": ["tensorflow-cpu==2.21.0"],
+        "gpu": ["tensorflow[and-cuda]==2.21.0"],
+    },
     entry_points={"console_scripts": ["tf-bf16=tf_bf16.__main__:main"]},
 )

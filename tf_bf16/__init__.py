@@ -13,7 +13,7 @@ reports what a training step still stores and computes in 32 bits. The
 compiled op library is loaded on first use.
 """
 
-__version__ = "0.1.0"
+from tf_bf16._version import __version__  # noqa: F401
 
 from tf_bf16 import losses  # noqa: E402,F401
 from tf_bf16 import ops  # noqa: E402,F401

@@ -1,26 +1,35 @@
 """Command-line interface: ``python -m tf_bf16 COMMAND`` or ``tf-bf16 COMMAND``.
 
-Each command is a module that provides ``SUMMARY`` (one line for the command
-list), ``DESCRIPTION`` (the command's --help text), ``add_arguments(parser)``
-and ``run(args) -> int`` (the exit status). To add a command, add its module to
-``_COMMANDS``. An entry ``(name, module, prefix)`` takes ``PREFIX_SUMMARY``,
-``PREFIX_DESCRIPTION``, ``add_prefix_arguments`` and ``run_prefix`` instead, so
-that one module can provide several commands. Command modules must not import TensorFlow at import time, so
-that ``--help`` stays fast.
+The commands are the tools of ``tf_bf16.lab``. Each is one row of
+``COMMANDS``: its name, one line for the command list, the ``--help`` text,
+the function that adds its options to an argparse parser and the function
+that runs it (``run(args) -> exit status``). To add a command, add a row.
+The command modules import TensorFlow and the lab extra's packages only when
+a command runs, so that ``--help`` stays fast.
 """
 
 import argparse
-import importlib
+import collections
 import os
 import sys
 
-# (command name, module). Order is the order of the help text.
-_COMMANDS = (
-    ("bench", "tf_bf16.bench"),
-    ("bench-fit", "tf_bf16.bench_fit"),
-    ("compare", "tf_bf16.compare"),
-    ("list", "tf_bf16.compare", "list"),
-    ("results", "tf_bf16.compare", "results"),
+from tf_bf16.lab import bench
+from tf_bf16.lab import bench_fit
+from tf_bf16.lab import cli
+
+Command = collections.namedtuple("Command", "name summary description add_arguments run")
+
+# Order is the order of the help text.
+COMMANDS = (
+    Command("bench", bench.SUMMARY, bench.DESCRIPTION, bench.add_arguments, bench.run),
+    Command("bench-fit", bench_fit.SUMMARY, bench_fit.DESCRIPTION, bench_fit.add_arguments,
+            bench_fit.run),
+    Command("compare", cli.COMPARE_SUMMARY, cli.COMPARE_DESCRIPTION, cli.add_compare_arguments,
+            cli.run_compare),
+    Command("list", cli.LIST_SUMMARY, cli.LIST_DESCRIPTION, cli.add_list_arguments,
+            cli.run_list),
+    Command("results", cli.RESULTS_SUMMARY, cli.RESULTS_DESCRIPTION, cli.add_results_arguments,
+            cli.run_results),
 )
 
 
@@ -36,16 +45,12 @@ def build_parser():
         description="tf_bf16 tools: pure-bfloat16 training ops for TensorFlow/Keras.",
         epilog="Run '%(prog)s COMMAND --help' for the options of a command.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for name, module_name, *prefix in _COMMANDS:
-        module = importlib.import_module(module_name)
-        upper = f"{prefix[0].upper()}_" if prefix else ""
-        lower = f"_{prefix[0]}" if prefix else ""
+    for command in COMMANDS:
         sub = subparsers.add_parser(
-            name, help=getattr(module, f"{upper}SUMMARY"),
-            description=getattr(module, f"{upper}DESCRIPTION"),
+            command.name, help=command.summary, description=command.description,
             formatter_class=argparse.RawDescriptionHelpFormatter)
-        getattr(module, f"add{lower}_arguments")(sub)
-        sub.set_defaults(_run=getattr(module, f"run{lower}"))
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
     return parser
 
 
@@ -53,11 +58,10 @@ def main(argv=None):
     """Entry point of ``python -m tf_bf16`` and of the ``tf-bf16`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    run = getattr(args, "_run", None)
-    if run is None:
+    if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return run(args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Smoke tests of `python -m tf_bf16 bench-fit` (tiny sizes; timings are not asserted).
+"""Smoke tests of `python -m tf_bf16 bench-fit` (tiny sizes; timings are not asserted),
+and of its verdict and exit status on made-up results that pass and that miss.
 
-The bytes per parameter are deterministic (they come from the variables'
-dtypes and shapes), so they are checked exactly.
+The bytes per parameter are deterministic (tf_bf16.audit sums them from the
+variables' dtypes and shapes), so they are checked exactly.
 """
 
 import argparse
@@ -14,12 +15,15 @@ import pytest
 
 import tf_bf16
 from tf_bf16 import __main__ as cli
-from tf_bf16 import bench_fit
 from tf_bf16 import policy
+from tf_bf16.lab import bench_fit
+from tf_bf16.lab import common
+
+pytestmark = pytest.mark.lab
 
 # --threads 0: TensorFlow has already started in the test process.
 TINY = ["bench-fit", "--width", "8", "--batch-size", "4", "--steps", "2", "--repeats", "2",
-        "--apply-calls", "1", "--threads", "0", "--no-progress"]
+        "--apply-calls", "1", "--threads", "0", "--no-progress", "--check"]
 
 EXPECTED_BYTES = {
     "tf_bf16_sgd_sr": 4, "tf_bf16_sgd_kahan": 6, "tf_bf16_adam_sr": 6,
@@ -53,9 +57,14 @@ def tiny_run(tmp_path_factory):
             policy.policy_state().active)
 
 
+def _missed(results):
+    return [t for t in results["targets"] if t["status"] == "MISS"]
+
+
 def test_exit_status_and_policy_restored(tiny_run):
-    status, _, _, _, dtype_policy, active = tiny_run
-    assert status == 0
+    status, _, results, _, dtype_policy, active = tiny_run
+    # --check: 1 exactly when a target was missed (tiny timings may miss).
+    assert status == (1 if _missed(results) else 0)
     # The run switches policies (pure bf16, mixed_bfloat16, float32) and puts
     # the one it found back.
     assert dtype_policy == "float32"
@@ -110,13 +119,11 @@ def test_bytes_per_parameter_exact(tiny_run):
         assert rows["tf_bf16_adam_kahan"]["ratio_to_reference"] == pytest.approx(8 / 12)
         # Scalar bookkeeping is excluded, and said to be.
         assert "iteration" in rows["tf_bf16_sgd_sr"]["excluded_optimizer_scalars"]
-        audit = entry["bytes"]["audit"]
-        if audit["rows_checked"]:
-            assert audit["agrees"]
     cnn = next(e for e in results["models"] if e["spec"]["model"] == "cnn")
     # BatchNormalization moving statistics: non-trainable, excluded.
     assert cnn["bytes"]["rows"][0]["excluded_non_trainable_variables"] == 6
     assert "B/param" in text and "vs mixed Adam" in text
+    assert "from tf_bf16.audit(model, optimizer=optimizer, trace=False).training_state" in text
 
 
 def test_verdict_lists_every_target(tiny_run):
@@ -135,8 +142,9 @@ def test_no_bytes_is_skipped_not_passed(tmp_path):
     status, text, results, _ = _run(["bench-fit", "--model", "mlp", "--width", "4",
                                      "--batch-size", "2", "--steps", "1", "--repeats", "1",
                                      "--warmup", "0", "--apply-calls", "0", "--no-bytes",
-                                     "--threads", "0", "--no-progress"], tmp_path)
-    assert status == 0
+                                     "--threads", "0", "--no-progress", "--check"], tmp_path)
+    # SKIPPED targets do not fail --check; the (tiny, noisy) timing targets may.
+    assert status == (1 if _missed(results) else 0)
     entry = results["models"][0]
     assert entry["bytes"] is None
     assert all(r["apply_alone_ms"] is None for r in entry["timing"])
@@ -146,37 +154,67 @@ def test_no_bytes_is_skipped_not_passed(tmp_path):
     assert keras.config.dtype_policy().name == "float32"
 
 
-def test_miss_is_reported():
-    """A tf_bf16 row slower than 1.05x its baseline is a MISS; a wrong byte count too."""
+def _made_up_results(ratio, extra_bytes):
+    """Results in which every tf_bf16 row takes `ratio` x its baseline's step time
+    and has `extra_bytes` more bytes per parameter than expected."""
     timing = []
     for row in bench_fit.TIMING_ROWS:
-        ms = 10.0 if row.rounding is None else 10.6
+        ms = 10.0 if row.rounding is None else 10.0 * ratio
         timing.append({"key": row.key, "label": row.label, "baseline": row.baseline,
-                       "median_ms": ms, "ratio": 1.06 if row.baseline else None})
-    rows = [{"key": row.key, "bytes_per_parameter": row.expected + 1,
-             "matches_expected": False} for row in bench_fit.BYTES_ROWS]
-    results = {"models": [{"spec": {"model": "mlp"}, "timing": timing,
-                           "bytes": {"rows": rows}}]}
-    targets = bench_fit._verdict(results)
+                       "median_ms": ms, "ratio": ratio if row.baseline else None})
+    rows = [{"key": row.key, "bytes_per_parameter": row.expected + extra_bytes,
+             "matches_expected": extra_bytes == 0} for row in bench_fit.BYTES_ROWS]
+    return {"models": [{"spec": {"model": "mlp"}, "timing": timing,
+                        "bytes": {"rows": rows}}]}
+
+
+def test_verdict_pass_exits_0_with_check():
+    targets = bench_fit.verdict(_made_up_results(ratio=1.05, extra_bytes=0))
     assert len(targets) == 8
-    assert all(t["status"] == "MISS" for t in targets)
+    assert [t["status"] for t in targets] == ["PASS"] * 8
+    assert common.verdict_exit_status(targets, check=True) == 0
 
 
-def test_measure_state_bytes_small_model():
-    """Dense(3) on 5 inputs: 18 parameters; bytes from dtypes and shapes."""
+def test_verdict_miss_exits_1_with_check_only(capsys):
+    """A tf_bf16 row slower than 1.05x its baseline is a MISS; a wrong byte count too."""
+    targets = bench_fit.verdict(_made_up_results(ratio=1.06, extra_bytes=1))
+    assert len(targets) == 8
+    assert [t["status"] for t in targets] == ["MISS"] * 8
+    assert common.verdict_exit_status(targets, check=False) == 0
+    assert common.verdict_exit_status(targets, check=True) == 1
+    err = capsys.readouterr().err
+    assert "8 of 8 targets missed" in err
+    for t in targets:
+        assert f"MISS {t['target']}" in err
+    # Time alone, or bytes alone, fails the check too.
+    for ratio, extra in ((1.06, 0), (1.0, 2)):
+        targets = bench_fit.verdict(_made_up_results(ratio=ratio, extra_bytes=extra))
+        assert [t["status"] for t in targets].count("MISS") == 4
+        assert common.verdict_exit_status(targets, check=True) == 1
+
+
+def test_state_bytes_small_model():
+    """Dense(3) on 5 inputs: 18 parameters; bytes as tf_bf16.audit reports them."""
     try:
         tf_bf16.set_policy()
         model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
         optimizer = tf_bf16.optimizers.Adam(rounding="kahan", seed=1)
         optimizer.build(model.trainable_variables)
-        measured = bench_fit.measure_state_bytes(keras, model, optimizer)
+        measured = bench_fit.state_bytes(tf_bf16, model, optimizer)
     finally:
         tf_bf16.reset_policy()
     assert measured["trainable_parameters"] == 18
     assert measured["weight_bytes"] == 36
     assert measured["slot_bytes"] == 72
     assert measured["kahan_bytes"] == 36
+    assert measured["total_bytes"] == 144
     assert measured["bytes_per_parameter"] == 8.0
+    assert measured["weight_dtypes"] == ["bfloat16"]
+    assert measured["slot_dtypes"] == ["bfloat16"]
+    assert measured["excluded_optimizer_scalars"] == ["iteration", "learning_rate"]
+    # int64 iteration + float32 learning rate
+    assert measured["excluded_optimizer_scalar_bytes"] == 12
+    assert measured["excluded_non_trainable_variables"] == 0
 
 
 def test_help_documents_every_option(capsys):

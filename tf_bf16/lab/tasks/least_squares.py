@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-from tf_bf16.tasks.base import Task, TaskData
+from tf_bf16.lab.tasks.base import Task, TaskData
 
 
 def load_problem():
@@ -105,4 +105,5 @@ TASK = LeastSquares(
     epochs=40,
     batch_size=442,
     reduced={"epochs": 3, "steps_per_epoch": 20},
+    requires=("sklearn",),
 )

@@ -26,14 +26,14 @@ SR, i.e. ~47 / ~19 minutes per epoch; ``--epochs`` shortens it.
 The data is not downloaded at run time. ``available()`` looks for prepared
 CIFAR-10 in ``$TFDS_DATA_DIR`` (else ``~/tensorflow_datasets``) and says how to
 get it when it is missing. The pipeline is tested with
-``tfds.testing.mock_data`` (tests/test_vision_and_ctr_tasks.py).
+``tfds.testing.mock_data`` (tests/lab/test_vision_and_ctr_tasks.py).
 """
 
 import glob
 import math
 import os
 
-from tf_bf16.tasks.base import Task, TaskData
+from tf_bf16.lab.tasks.base import Task, TaskData
 
 NUM_CLASSES = 10
 # Per-channel mean and standard deviation of the CIFAR-10 training images (0..1 scale).
@@ -192,11 +192,11 @@ class ResNetCifar10(Task):
             "(it downloads 163 MB and prepares ~/tensorflow_datasets/cifar10), or copy a\n"
             "prepared tensorflow_datasets/cifar10 directory here; set TFDS_DATA_DIR to use\n"
             "another directory.")
-        try:
-            import tensorflow_datasets as tfds
-        except ImportError:
-            return ("tensorflow-datasets is not installed: "
-                    "pip install tensorflow-datasets==4.9.10. " + message.format(dir=data_dir()))
+        missing = super().available()
+        if missing:
+            return f"{missing}\n{message.format(dir=data_dir())}"
+        import tensorflow_datasets as tfds
+
         # Look on disk first: for a dataset that is not prepared, tfds.builder
         # asks GCS for its metadata (network) and leaves a temp directory behind.
         if not glob.glob(os.path.join(data_dir(), "cifar10", "*", "dataset_info.json")):
@@ -256,4 +256,5 @@ TASK = ResNetCifar10(
     batch_size=128,
     reduced={"epochs": 1, "batch_size": 16, "width": 8,
              "train_examples": 64, "test_examples": 32},
+    requires=("tensorflow_datasets",),
 )

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from tf_bf16.tasks.base import Task, TaskData
+from tf_bf16.lab.tasks.base import Task, TaskData
 
 
 def load_digits_split():
@@ -78,4 +78,5 @@ TASK = DigitsCNN(
     epochs=30,
     batch_size=32,
     reduced={"epochs": 2, "steps_per_epoch": 8},
+    requires=("sklearn",),
 )

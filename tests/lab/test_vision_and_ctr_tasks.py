@@ -1,27 +1,23 @@
-"""The resnet_cifar10 and dlrm tasks of `python -m tf_bf16 compare`, and the examples/ scripts.
+"""The resnet_cifar10 and dlrm tasks of `python -m tf_bf16 compare`.
 
 ResNet-18's tfds pipeline runs on `tfds.testing.mock_data` (nothing is
-downloaded); the DLRM task on its reduced synthetic click logs. Each example
-script runs in a subprocess with small sizes and must exit 0.
+downloaded); the DLRM task on its reduced synthetic click logs.
 """
 
-import os
-import subprocess
-import sys
 import tempfile
-import time
 
 import keras
 import numpy as np
 import pytest
+import sklearn.metrics
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 import tf_bf16
-from tf_bf16.tasks import dlrm, resnet_cifar10
+from tf_bf16.lab import runner
+from tf_bf16.lab.tasks import dlrm, resnet_cifar10
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tf_bf16.__file__)))
+pytestmark = pytest.mark.lab
 
 
 @pytest.fixture(autouse=True)
@@ -125,14 +121,13 @@ def test_resnet_pipeline_and_training_on_mock_cifar10(empty_tfds_dir):
 
 def test_resnet_through_the_compare_runner_on_mock_cifar10(empty_tfds_dir):
     """The runner trains the task from one shared TaskData, float32 and pure bf16."""
-    compare = pytest.importorskip("tf_bf16.compare")
     from tf_bf16 import __main__ as cli
     task = resnet_cifar10.TASK
     args = cli.build_parser().parse_args(["compare", "--task", task.name, "--reduced"])
-    cfg = compare._config(task, args)
+    cfg = runner.training_config(task, args)
     cfg["reduced"] = True
     with tfds.testing.mock_data(num_examples=16):
-        results = compare.run_task(task, 0, ["float32", "stochastic"], cfg, progress=False)
+        results = runner.run_task(task, 0, ["float32", "stochastic"], cfg, progress=False)
     for variant, r in results.items():
         assert r["finite"] and r["steps"] == 1, (variant, r)
     assert set(results["stochastic"]["state_dtypes"]) == {"bfloat16"}
@@ -153,10 +148,9 @@ def test_dlrm_ground_truth_and_metrics():
     assert 0.1 < clicks.mean() < 0.5
     # the truth scores better than the constant predictor
     assert dlrm.log_loss(clicks, p) < dlrm.log_loss(clicks, np.full_like(p, clicks.mean()))
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    assert dlrm.auc(clicks, p) == pytest.approx(sklearn_metrics.roc_auc_score(clicks, p))
+    assert dlrm.auc(clicks, p) == pytest.approx(sklearn.metrics.roc_auc_score(clicks, p))
     scores = np.round(p, 1)  # with ties
-    assert dlrm.auc(clicks, scores) == pytest.approx(sklearn_metrics.roc_auc_score(clicks, scores))
+    assert dlrm.auc(clicks, scores) == pytest.approx(sklearn.metrics.roc_auc_score(clicks, scores))
 
 
 def test_dlrm_data_is_fixed_per_seed():
@@ -192,8 +186,8 @@ def test_dlrm_trains_in_pure_bf16(rounding):
 
 def test_task_fields():
     import pkgutil
-    import tf_bf16.tasks
-    modules = {m.name for m in pkgutil.iter_modules(tf_bf16.tasks.__path__)}
+    import tf_bf16.lab.tasks
+    modules = {m.name for m in pkgutil.iter_modules(tf_bf16.lab.tasks.__path__)}
     for module in (resnet_cifar10, dlrm):
         task = module.TASK
         assert module.__name__.rsplit(".", 1)[1] in modules
@@ -201,34 +195,3 @@ def test_task_fields():
         assert task.optimizer in ("sgd", "adam", "adamw")
     assert dlrm.TASK.available() is None
     assert not dlrm.TASK.higher_is_better and resnet_cifar10.TASK.higher_is_better
-
-
-# ---------------------------------------------------------------------------
-# examples/
-
-EXAMPLES = {
-    "quickstart.py": ["--epochs", "3"],
-    "tfds_pipeline.py": ["--epochs", "1", "--mock-examples", "64"],
-    "fit_with_callbacks.py": ["--epochs", "3", "--more-epochs", "1"],
-    "export_and_serve.py": ["--epochs", "2"],
-}
-
-
-def test_examples_run(tmp_path):
-    """Each example exits 0 (run concurrently to keep the suite short)."""
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2",
-               TFDS_DATA_DIR=str(tmp_path / "tensorflow_datasets"), TMPDIR=str(tmp_path))
-    processes = {}
-    start = time.time()
-    for script, args in EXAMPLES.items():
-        extra = ["--dir", str(tmp_path / script)] if script in (
-            "fit_with_callbacks.py", "export_and_serve.py") else []
-        processes[script] = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "examples", script), *args, *extra],
-            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    failures = []
-    for script, process in processes.items():
-        output, _ = process.communicate(timeout=max(10, 240 - (time.time() - start)))
-        if process.returncode != 0:
-            failures.append(f"{script} exited {process.returncode}:\n{output[-3000:]}")
-    assert not failures, "\n\n".join(failures)

@@ -1,14 +1,20 @@
 """The interface every task of `python -m tf_bf16 compare` implements.
 
-A task is one module in tf_bf16/tasks/ that defines a module-level ``TASK``
-(an instance of a ``Task`` subclass). ``tf_bf16.tasks.all_tasks()`` discovers
-them. The runner (tf_bf16/compare.py) trains the same model, data order and
-seed four ways (``VARIANTS``) and owns the dtype policy, the progress bars, the
-timing and the outputs; a task only says what to train and how to score it.
+A task is one module in tf_bf16/lab/tasks/ that defines a module-level ``TASK``
+(an instance of a ``Task`` subclass). ``tf_bf16.lab.tasks.all_tasks()`` discovers
+them. The runner (tf_bf16/lab/runner.py) trains the same model, data order and
+seed four ways (``VARIANTS``) and owns the dtype policy, the progress bars and
+the timing; tf_bf16/lab/report.py the outputs. A task only says what to train,
+how to score it, and what it needs (``requires``, ``available``).
+
+A task module must stay importable without its own requirements (import them
+inside the methods), so that ``list`` can say what is missing.
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from tf_bf16.lab import common
 
 # float32: Keras defaults (float32 policy), the stock Keras optimizer.
 # nearest: pure bf16 (keras "bfloat16" policy), round-to-nearest updates: what
@@ -16,6 +22,9 @@ from typing import Any, Callable, Dict, Optional
 #          so that Keras's bf16 Adam bug does not hide the rounding effect).
 # stochastic / kahan: tf_bf16.set_policy() and the tf_bf16 optimizer.
 VARIANTS = ("float32", "nearest", "stochastic", "kahan")
+# stock: Keras "bfloat16" policy with the stock Keras optimizer (compare
+#        --include-stock): what Keras gives today.
+STOCK = "stock"
 
 
 @dataclasses.dataclass
@@ -53,6 +62,9 @@ class Task:
     # the reduced configuration changes; ``config`` merges them. Optional.
     sizes: Dict[str, Any] = dataclasses.field(default_factory=dict)
     reduced_sizes: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Modules beyond the library that the task imports (e.g. "sklearn"), all
+    # from the lab extra; ``available`` reports the missing ones.
+    requires: Tuple[str, ...] = ()
 
     def config(self, reduced: bool) -> Dict[str, Any]:
         """``sizes`` and the batch size; reduced: updated by ``reduced_sizes``, then
@@ -65,8 +77,10 @@ class Task:
 
     def available(self) -> Optional[str]:
         """None if the task can run here, else a message saying what is missing
-        and how to get it (e.g. a dataset that must be downloaded first)."""
-        return None
+        and how to get it: a package of ``requires`` that is not installed here;
+        subclasses add their own checks (e.g. a dataset that must be prepared
+        first) after calling this one."""
+        return common.requirement_problem(f"task {self.name}", self.requires)
 
     def make_data(self, seed: int, reduced: bool = False) -> TaskData:
         raise NotImplementedError

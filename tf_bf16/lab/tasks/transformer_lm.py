@@ -3,7 +3,7 @@
 Mirrors the paper's language-modelling application (a Transformer LM) at a
 size a 2-core CPU trains in about a minute. Offline and the same on every
 machine: the corpus is the top-level ``*.py`` files of the standard library
-(see ``tf_bf16.tasks._text``), split by file: every 10th file (sorted by name)
+(see ``tf_bf16.lab.tasks.corpus``), split by file: every 10th file (sorted by name)
 is held out. Characters map to a 128-symbol ASCII vocabulary.
 
 Model (GPT-style, pre-LayerNorm): token + learned position embeddings (dim 64),
@@ -31,8 +31,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_bf16.tasks import _text
-from tf_bf16.tasks.base import Task, TaskData
+from tf_bf16.lab.tasks import corpus
+from tf_bf16.lab.tasks.base import Task, TaskData
 
 DEFAULTS = dict(seq_len=64, dim=64, heads=4, ff_dim=256, layers=2, steps=800,
                 eval_windows=256)
@@ -45,9 +45,9 @@ class TransformerLMTask(Task):
 
     def make_data(self, seed, reduced=False):
         cfg = self.config(reduced)
-        train_files, held_files = _text.split_files()
-        train_ids = _text.encoded_corpus(train_files)
-        held_ids = _text.encoded_corpus(held_files)
+        train_files, held_files = corpus.split_files()
+        train_ids = corpus.encoded_corpus(train_files)
+        held_ids = corpus.encoded_corpus(held_files)
         length = cfg["seq_len"] + 1
         count = cfg["steps"] * cfg["batch_size"]
         rng = np.random.default_rng(seed)
@@ -61,22 +61,22 @@ class TransformerLMTask(Task):
         eval_windows = held_ids[offsets[:, None] + np.arange(length)]
         info = dict(train_chars=int(len(train_ids)), held_out_chars=int(len(held_ids)),
                     train_files=len(train_files), held_out_files=len(held_files),
-                    corpus=_text.stdlib_dir())
+                    corpus=corpus.stdlib_dir())
         return TaskData(train=train, eval=(eval_windows[:, :-1], eval_windows[:, 1:]),
                         steps_per_epoch=cfg["steps"], info=info)
 
     def make_model(self, seed, reduced=False):
         cfg = self.config(reduced)
         ids = keras.Input(shape=(cfg["seq_len"],), dtype="int32", name="chars")
-        x = _text.TokenAndPositionEmbedding(_text.VOCAB_SIZE, cfg["seq_len"], cfg["dim"],
+        x = corpus.TokenAndPositionEmbedding(corpus.VOCAB_SIZE, cfg["seq_len"], cfg["dim"],
                                             seed=seed, name="embedding")(ids)
         for i in range(cfg["layers"]):
-            x = _text.transformer_block(x, heads=cfg["heads"], dim=cfg["dim"],
+            x = corpus.transformer_block(x, heads=cfg["heads"], dim=cfg["dim"],
                                         ff_dim=cfg["ff_dim"], causal=True,
                                         seed=seed + 10 * (i + 1), name=f"block{i}")
         x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(x)
         logits = keras.layers.Dense(
-            _text.VOCAB_SIZE, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 99),
+            corpus.VOCAB_SIZE, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 99),
             name="logits")(x)
         return keras.Model(ids, logits, name="char_transformer")
 
@@ -88,7 +88,7 @@ class TransformerLMTask(Task):
         nll = []
         for i in range(0, len(x), 64):
             logits = model(x[i:i + 64], training=False)
-            logp = _text.log_softmax_np(keras.ops.convert_to_numpy(
+            logp = corpus.log_softmax_np(keras.ops.convert_to_numpy(
                 keras.ops.cast(logits, "float32")))
             nll.append(-np.take_along_axis(logp, y[i:i + 64, :, None], axis=-1)[..., 0])
         return float(np.mean(np.concatenate(nll)) / math.log(2.0))

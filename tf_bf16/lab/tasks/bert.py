@@ -3,7 +3,7 @@
 Mirrors the paper's BERT application (pre-train with masked language
 modelling, fine-tune on a classification task) at a size a 2-core CPU trains
 in about half a minute, offline: the text is the Python standard library's
-source (see ``tf_bf16.tasks._text``; files split into training and held-out
+source (see ``tf_bf16.lab.tasks.corpus``; files split into training and held-out
 sets by file). Examples are single source lines (at least 8 characters,
 leading/trailing whitespace removed) as a [CLS] token followed by up to 31
 ASCII characters, padded.
@@ -46,13 +46,13 @@ import functools
 import keras
 import numpy as np
 
-from tf_bf16.tasks import _text
-from tf_bf16.tasks.base import Task, TaskData
+from tf_bf16.lab.tasks import corpus
+from tf_bf16.lab.tasks.base import Task, TaskData
 
-PAD = _text.VOCAB_SIZE
-CLS = _text.VOCAB_SIZE + 1
-MASK = _text.VOCAB_SIZE + 2
-VOCAB = _text.VOCAB_SIZE + 3
+PAD = corpus.VOCAB_SIZE
+CLS = corpus.VOCAB_SIZE + 1
+MASK = corpus.VOCAB_SIZE + 2
+VOCAB = corpus.VOCAB_SIZE + 3
 CLASSES = 2
 IGNORE = -1
 
@@ -67,13 +67,13 @@ def lines_of(files, seq_len):
     """ids (n, seq_len): [CLS], a stripped source line (truncated), PAD after it."""
     rows = []
     for path in files:
-        for line in _text.read_text(path).splitlines():
+        for line in corpus.read_text(path).splitlines():
             stripped = line.strip()
             if len(stripped) < 8:
                 continue
             row = np.full(seq_len, PAD, np.int32)
             row[0] = CLS
-            chars = _text.encode(stripped[:seq_len - 1])
+            chars = corpus.encode(stripped[:seq_len - 1])
             row[1:1 + len(chars)] = chars
             rows.append(row)
     return np.stack(rows)
@@ -118,7 +118,7 @@ class BertTask(Task):
         import tensorflow as tf
 
         cfg = self.config(reduced)
-        train_files, held_files = _text.split_files()
+        train_files, held_files = corpus.split_files()
         ids = lines_of(train_files, cfg["seq_len"])
         rng = np.random.default_rng(seed)
         batch = cfg["batch_size"]
@@ -146,12 +146,12 @@ class BertTask(Task):
     def make_model(self, seed, reduced=False):
         cfg = self.config(reduced)
         ids = keras.Input(shape=(cfg["seq_len"],), dtype="int32", name="chars")
-        x = _text.TokenAndPositionEmbedding(VOCAB, cfg["seq_len"], cfg["dim"], seed=seed,
+        x = corpus.TokenAndPositionEmbedding(VOCAB, cfg["seq_len"], cfg["dim"], seed=seed,
                                             name="embedding")(ids)
         real = keras.ops.not_equal(ids, PAD)
         attention_mask = keras.ops.logical_and(real[:, None, :], real[:, :, None])
         for i in range(cfg["layers"]):
-            x = _text.transformer_block(x, heads=cfg["heads"], dim=cfg["dim"],
+            x = corpus.transformer_block(x, heads=cfg["heads"], dim=cfg["dim"],
                                         ff_dim=cfg["ff_dim"], causal=False,
                                         seed=seed + 10 * (i + 1), name=f"block{i}",
                                         attention_mask=attention_mask)

@@ -13,7 +13,9 @@ import pytest
 import tensorflow as tf
 
 import tf_bf16
-from tf_bf16.tasks import _text, all_tasks
+from tf_bf16.lab.tasks import all_tasks, corpus
+
+pytestmark = pytest.mark.lab
 
 NAMES = ("transformer_lm", "recurrent", "bert")
 
@@ -59,11 +61,11 @@ def test_tasks_are_discovered():
 
 
 def test_corpus_is_fixed_and_split_by_file():
-    train, held = _text.split_files()
+    train, held = corpus.split_files()
     assert held and train and not set(train) & set(held)
-    assert list(train + held) != [] and sorted(train + held) == list(_text.stdlib_files())
-    ids = _text.encoded_corpus(held)
-    assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < _text.VOCAB_SIZE
+    assert list(train + held) != [] and sorted(train + held) == list(corpus.stdlib_files())
+    ids = corpus.encoded_corpus(held)
+    assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < corpus.VOCAB_SIZE
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -115,13 +117,13 @@ def test_bert_fine_tuning_batches_follow_pre_training():
     assert len(batches) == data.steps_per_epoch
     last_x, last_y = batches[-1]
     assert np.all(last_y["mlm"] == -1) and np.all(last_y["cls"] >= 0)
-    from tf_bf16.tasks import bert
+    from tf_bf16.lab.tasks import bert
     assert not np.any(last_x == bert.MASK)  # no [MASK] in fine-tuning inputs
     assert 0 < data.info["majority_baseline"] < 1
 
 
 def test_recurrent_words_need_frame_order():
-    from tf_bf16.tasks import recurrent
+    from tf_bf16.lab.tasks import recurrent
     _, _, words = recurrent.language()
     assert len(words) == recurrent.WORDS
     half = recurrent.WORDS // 2

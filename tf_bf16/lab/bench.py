@@ -48,17 +48,17 @@ the options. Everything is measured in one process, in one run:
   is reported as well.
 
 The verdict compares the results with the targets of the benchmark issue and
-prints PASS or MISS for each one.
+prints PASS or MISS for each one; with ``--check`` a MISS makes the exit status 1.
 """
 
-import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from tf_bf16.lab import common
 
 SUMMARY = "time fused bf16 updates against stock Keras and a memory copy; peak memory"
 
@@ -79,8 +79,9 @@ each in a fresh subprocess; then PASS/MISS against the targets:
 
 Each update is one tf.function call returning a scalar read back to Python
 (synchronizes); rows are interleaved, medians over --repeats rounds.
-Progress goes to stderr, results to stdout. The module docstring of
-tf_bf16/bench.py documents the method in full.
+Progress goes to stderr, results to stdout; --check makes a MISS fail the
+command (exit status 1). The module docstring of tf_bf16/lab/bench.py
+documents the method in full. Needs the lab extra: pip install "tf_bf16[lab]".
 
 Example:
   python -m tf_bf16 bench --json bench.json --markdown bench.md
@@ -144,22 +145,7 @@ _FUSED_MEMORY_CASES = ("fused_sgd_sr", "fused_sgd_kahan", "fused_adam_sr")
 # ---------------------------------------------------------------------------
 # Command line.
 
-def _int_at_least(minimum):
-    """An argparse type: an integer (decimal or 0x...) that is >= minimum."""
-    def parse(text):
-        try:
-            value = int(text, 0)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
-_param_count = _int_at_least(2)
+_param_count = common.int_at_least(2)
 
 
 def add_arguments(parser):
@@ -169,10 +155,10 @@ def add_arguments(parser):
         help="elements of the bfloat16 variable updated in the timing runs "
              f"(default {DEFAULT_PARAMS} = 16*2**20)")
     parser.add_argument(
-        "--repeats", type=_positive_int, default=DEFAULT_REPEATS, metavar="R",
+        "--repeats", type=common.positive_int, default=DEFAULT_REPEATS, metavar="R",
         help=f"timed rounds; each row's time is the median (default {DEFAULT_REPEATS})")
     parser.add_argument(
-        "--warmup", type=_non_negative_int, default=DEFAULT_WARMUP, metavar="W",
+        "--warmup", type=common.non_negative_int, default=DEFAULT_WARMUP, metavar="W",
         help="untimed rounds before the timed ones; the first call of each update "
              f"traces its tf.function and is never timed (default {DEFAULT_WARMUP})")
     parser.add_argument(
@@ -193,10 +179,18 @@ def add_arguments(parser):
     parser.add_argument(
         "--no-progress", action="store_true",
         help="do not show progress bars (they go to stderr)")
+    parser.add_argument("--check", action="store_true", help=common.CHECK_HELP)
+
+
+# What the command needs beyond the library (the lab extra).
+REQUIRES = ("tqdm",)
 
 
 def run(args):
-    """Runs the benchmark; prints the results; returns the exit status (0)."""
+    """Runs the benchmark; prints the results; returns the exit status
+    (see ``common.verdict_exit_status``)."""
+    if common.check_requirements("bench", REQUIRES):
+        return 2
     started = time.perf_counter()
     env = _import_tensorflow()
     tf = env["tf"]
@@ -212,7 +206,7 @@ def run(args):
             "copy": "tf.raw_ops.DeepCopy of a bfloat16 variable of 5 B/param "
                     "(reads 5 + writes 5 B/param)",
         },
-        "machine": _machine_info(tf, env["keras"]),
+        "machine": common.machine_info(tf, env["keras"]),
     }
     timing = _run_timing(env, args)
     results.update(timing)
@@ -220,46 +214,21 @@ def run(args):
         results["memory"] = None
     else:
         results["memory"] = _run_memory(args)
-    results["targets"] = _verdict(results)
+    results["targets"] = verdict(results)
     results["elapsed_s"] = time.perf_counter() - started
 
-    write_results(results, args, _format_text, _format_markdown)
-    return 0
-
-
-def write_results(results, args, format_text, format_markdown):
-    """Prints the text report; writes --json and --markdown when asked."""
-    print(format_text(results), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-            f.write("\n")
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(format_markdown(results))
+    common.write_results(results, args, _format_text, _format_markdown)
+    return common.verdict_exit_status(results["targets"], args.check)
 
 
 # ---------------------------------------------------------------------------
 # Setup shared by the timing run and the memory subprocesses.
 
-def import_tensorflow_keras(command):
-    """(tf, keras), quiet, with Keras on its TensorFlow backend, which `command` needs."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    import tensorflow as tf
-    import keras
-
-    if keras.backend.backend() != "tensorflow":
-        raise SystemExit(f"{command} needs the TensorFlow Keras backend; KERAS_BACKEND "
-                         f"is {keras.backend.backend()!r}.")
-    return tf, keras
-
-
 def _import_tensorflow():
-    tf, keras = import_tensorflow_keras("The benchmark")
+    tf, keras = common.import_tensorflow_keras("The benchmark")
     from tf_bf16 import ops, reference
 
-    ops._lib()  # load the op library now: a build problem surfaces here
+    common.load_op_library()
     return {"tf": tf, "keras": keras, "ops": ops, "reference": reference}
 
 
@@ -276,16 +245,6 @@ def _initial_values(tf, n, constant=False):
     w = tf.cast(tf.random.stateless_normal([n], seed=[SEED, 1]), tf.bfloat16)
     g = tf.cast(tf.random.stateless_normal([n], seed=[SEED, 2], stddev=1e-2), tf.bfloat16)
     return w, g
-
-
-def _probe(tf, variable):
-    """A float32 scalar read from the variable after the update.
-
-    Cast, so that the returned tensor never aliases the variable's buffer
-    (a live alias would make the next in-place update copy the variable).
-    """
-    flat = tf.reshape(tf.convert_to_tensor(variable), [-1])
-    return tf.cast(flat[0], tf.float32)
 
 
 def _build_update(env, key, w_init, grad):
@@ -307,7 +266,7 @@ def _build_update(env, key, w_init, grad):
         @tf.function
         def step():
             optimizer.apply([grad], [w])
-            return _probe(tf, w)
+            return common.probe(tf, w)
 
         step.state = (w, optimizer)
         return step
@@ -341,7 +300,7 @@ def _build_update(env, key, w_init, grad):
                       rounding=rounding, compensation=compensation, seed=SEED,
                       step=iteration, var_id=0)
             iteration.assign_add(1)
-            return _probe(tf, w)
+            return common.probe(tf, w)
 
         step.state = (w, accum, compensation, iteration)
         return step
@@ -356,7 +315,7 @@ def _build_update(env, key, w_init, grad):
             ops.apply_adam(w, grad, m, v, LEARNING_RATE, step=iteration, rounding=rounding,
                            compensation=compensation, seed=SEED, var_id=0)
             iteration.assign_add(1)
-            return _probe(tf, w)
+            return common.probe(tf, w)
 
         step.state = (w, m, v, compensation, iteration)
         return step
@@ -368,27 +327,8 @@ def _copy_elements(n):
     return (5 * n + 1) // 2
 
 
-def _call(step):
-    """Runs one update; returns (wall seconds, process CPU seconds)."""
-    wall0 = time.perf_counter()
-    cpu0 = time.process_time()
-    out = step()
-    float(out.numpy())
-    wall = time.perf_counter() - wall0
-    cpu = time.process_time() - cpu0
-    del out
-    return wall, cpu
-
-
 # ---------------------------------------------------------------------------
 # Timing.
-
-def _progress(total, desc, disable, unit="call"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, file=sys.stderr, disable=disable, leave=False,
-                unit=unit, dynamic_ncols=True)
-
 
 def _run_timing(env, args):
     tf = env["tf"]
@@ -398,32 +338,32 @@ def _run_timing(env, args):
     del w_init
 
     overhead_var = tf.Variable(tf.zeros([4], tf.bfloat16), trainable=False)
-    empty = tf.function(lambda: _probe(tf, overhead_var))
+    empty = tf.function(lambda: common.probe(tf, overhead_var))
 
     keys = [row.key for row in ROWS]
     wall = {k: [] for k in keys}
     cpu = {k: [] for k in keys}
     # The first call of each function traces it: never timed, even with --warmup 0.
     warmup = max(1, args.warmup)
-    with _progress((warmup + args.repeats) * len(keys), "bench: timing",
+    with common.progress((warmup + args.repeats) * len(keys), "bench: timing",
                    args.no_progress) as bar:
         for _ in range(warmup):
             for k in keys:
-                _call(steps[k])
+                common.timed_call(steps[k])
                 bar.update(1)
-        load_before = _cpu_counters()
+        load_before = common.cpu_counters()
         for r in range(args.repeats):
             shift = r % len(keys)
             for k in keys[shift:] + keys[:shift]:
-                t, c = _call(steps[k])
+                t, c = common.timed_call(steps[k])
                 wall[k].append(t)
                 cpu[k].append(c)
                 bar.update(1)
-        load_after = _cpu_counters()
+        load_after = common.cpu_counters()
 
     for _ in range(3):
-        _call(empty)
-    overhead = [_call(empty)[0] for _ in range(max(20, args.repeats))]
+        common.timed_call(empty)
+    overhead = [common.timed_call(empty)[0] for _ in range(max(20, args.repeats))]
 
     rows = []
     for row in ROWS:
@@ -442,7 +382,7 @@ def _run_timing(env, args):
     return {
         "rows": rows,
         "call_overhead_ms": statistics.median(overhead) * 1e3,
-        "background": _background_load(load_before, load_after),
+        "background": common.background_load(load_before, load_after),
         "copy_check": copy_check,
     }
 
@@ -495,12 +435,12 @@ def _check_copy(env, step, n, calls, copy_gbps):
         return tf.cast(dst[-1], tf.float32)
 
     for fn in (copy_double, assign):
-        _call(fn)
+        common.timed_call(fn)
     full, doubles, assigns = [], [], []
     for _ in range(calls):
-        full.append(_call(step))
-        doubles.append(_call(copy_double)[0])
-        assigns.append(_call(assign)[0])
+        full.append(common.timed_call(step))
+        doubles.append(common.timed_call(copy_double)[0])
+        assigns.append(common.timed_call(assign)[0])
     values_equal = bool(tf.reduce_all(tf.equal(
         tf.bitcast(copy_full_values(), tf.uint16), tf.bitcast(src.read_value(), tf.uint16))))
     full_ms = statistics.median(t for t, _ in full) * 1e3
@@ -522,31 +462,6 @@ def _check_copy(env, step, n, calls, copy_gbps):
     }
 
 
-def _cpu_counters():
-    """(wall time, busy CPU seconds of the machine, CPU seconds of this process)."""
-    busy = None
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal ...
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        pass
-    times = os.times()
-    return time.perf_counter(), busy, times.user + times.system
-
-
-def _background_load(before, after):
-    """Average number of cores used by other processes while rows were timed."""
-    wall = after[0] - before[0]
-    if before[1] is None or after[1] is None or wall <= 0:
-        return {"other_cores": None, "own_cores": None, "seconds": wall}
-    machine = after[1] - before[1]
-    own = after[2] - before[2]
-    return {"other_cores": max(0.0, (machine - own) / wall), "own_cores": own / wall,
-            "seconds": wall, "loadavg_after": list(os.getloadavg())}
-
-
 # ---------------------------------------------------------------------------
 # Peak memory, one fresh subprocess per case.
 
@@ -555,14 +470,12 @@ def _run_memory(args):
     env["TF_ENABLE_ONEDNN_OPTS"] = "0"  # see the module docstring
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("KERAS_BACKEND", "tensorflow")
-    code = ("import sys; from tf_bf16.bench import _memory_child; "
-            "_memory_child(sys.argv[1], int(sys.argv[2]))")
+    code = ("import sys; from tf_bf16.lab.bench import memory_child; "
+            "memory_child(sys.argv[1], int(sys.argv[2]))")
     cases = []
-    from tqdm import tqdm
-
-    for key, label in tqdm(MEMORY_CASES, desc="bench: peak memory (subprocesses)",
-                           file=sys.stderr, disable=args.no_progress, leave=False,
-                           unit="case"):
+    bar = common.progress(len(MEMORY_CASES), "bench: peak memory (subprocesses)",
+                          args.no_progress, unit="case")
+    for key, label in MEMORY_CASES:
         proc = subprocess.run([sys.executable, "-c", code, key, str(args.memory_params)],
                               env=env, capture_output=True, text=True)
         result = None
@@ -576,6 +489,8 @@ def _run_memory(args):
         result["key"] = key
         result["label"] = label
         cases.append(result)
+        bar.update(1)
+    bar.close()
     return {"params": args.memory_params, "allocator": "TF_ENABLE_ONEDNN_OPTS=0",
             "cases": cases}
 
@@ -590,7 +505,7 @@ def _proc_status():
     return values
 
 
-def _memory_child(key, n):
+def memory_child(key, n):
     """Subprocess body: peak extra memory of one update; prints one JSON line."""
     import gc
 
@@ -601,7 +516,7 @@ def _memory_child(key, n):
     del w_init
     gc.collect()
     rss_created = _proc_status()["VmRSS"]
-    _call(step)  # warmup: traces, and un-aliases the variables from their initial values
+    common.timed_call(step)  # warmup: traces, and un-aliases the variables from their initial values
     gc.collect()
     rss_warm = _proc_status()["VmRSS"]
     with open("/proc/self/clear_refs", "w") as f:
@@ -609,7 +524,7 @@ def _memory_child(key, n):
     status = _proc_status()
     rss_before = status["VmRSS"]
     hwm_after_reset = status["VmHWM"]
-    _call(step)
+    common.timed_call(step)
     hwm = _proc_status()["VmHWM"]
     variable_bytes = 2 * n
     extra = hwm - rss_before
@@ -629,17 +544,14 @@ def _memory_child(key, n):
 # ---------------------------------------------------------------------------
 # Verdict.
 
-def _status(ok):
-    return "PASS" if ok else "MISS"
-
-
-def _verdict(results):
+def verdict(results):
+    """The targets (see ``common.verdict_lines``) met or missed by `results`."""
     by_key = {r["key"]: r for r in results["rows"]}
     targets = []
 
     def add(name, value, threshold, ok, aim=None):
         entry = {"target": name, "value": value, "threshold": threshold,
-                 "status": ok if isinstance(ok, str) else _status(ok)}
+                 "status": ok if isinstance(ok, str) else common.status(ok)}
         if aim is not None:
             entry["aim"] = aim
         targets.append(entry)
@@ -672,77 +584,6 @@ def _verdict(results):
         add(name, f"{case['extra_fraction']:.3f}x ({case['extra_mib']:.1f} MiB)",
             f"< {MAX_TEMPORARY_FRACTION}x", case["extra_fraction"] < MAX_TEMPORARY_FRACTION)
     return targets
-
-
-# ---------------------------------------------------------------------------
-# Machine description.
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
-                            if x in flags]
-    except OSError:
-        pass
-    return []
-
-
-def _memory_total():
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _machine_info(tf, keras):
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    build = {}
-    info_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")
-    try:
-        with open(info_path) as f:
-            build = json.load(f)
-    except (OSError, ValueError):
-        pass
-    flags = [x for x in build.get("compile_flags", [])
-             if x.startswith(("-O", "-m", "-ffp", "-march"))]
-    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")
-    return {
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": affinity,
-        "memory_bytes": _memory_total(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default",
-        "tf_enable_onednn_opts": onednn,
-        "op_library_flags": flags,
-        "loadavg_start": list(os.getloadavg()),
-    }
 
 
 # ---------------------------------------------------------------------------
@@ -781,30 +622,10 @@ def _memory_table(results):
     return header, body
 
 
-def _text_table(header, body, left=(1,)):
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-
-    def line(cells):
-        out = []
-        for j, (cell, width) in enumerate(zip(cells, widths)):
-            out.append(cell.ljust(width) if j in left else cell.rjust(width))
-        return "  ".join(out).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule] + [line(b) for b in body])
-
-
-def _machine_line(m):
-    mem = f", {m['memory_bytes'] / 2**30:.0f} GiB RAM" if m.get("memory_bytes") else ""
-    return (f"{m['cpu']} ({m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs"
-            f"{mem}; {' '.join(m['cpu_flags'])}), TensorFlow {m['tensorflow']}, "
-            f"Keras {m['keras']}, Python {m['python']}")
-
-
 def _format_text(results):
     m, cfg = results["machine"], results["config"]
     lines = ["tf_bf16 benchmark: one optimizer update of a bfloat16 variable",
-             f"machine: {_machine_line(m)}",
+             f"machine: {common.machine_line(m)}",
              f"         {m['os']}; TF intra-op threads {m['intra_op_threads']}, inter-op "
              f"{m['inter_op_threads']}; oneDNN {m['tf_enable_onednn_opts']}; op library "
              f"built with {' '.join(m['op_library_flags']) or '?'}",
@@ -822,7 +643,7 @@ def _format_text(results):
         lines.append("load: " + note)
     lines.append("")
     header, body = _timing_table(results)
-    lines.append(_text_table(header, body))
+    lines.append(common.text_table(header, body))
     lines.append("B/param: bytes the update must read + write per parameter; eff. GB/s = "
                  "B/param x params / median time; cores = process CPU time / wall time.")
     cc = results["copy_check"]
@@ -840,31 +661,12 @@ def _format_text(results):
                   f"peak extra memory of one update, {mem['params']:,} params "
                   f"({_mib(mem['params'] * 2)} MiB per bf16 variable), fresh subprocess "
                   f"each ({mem['allocator']}): extra = VmHWM - VmRSS before the update",
-                  _text_table(*_memory_table(results), left=(0,))]
+                  common.text_table(*_memory_table(results), left=(0,))]
         if not all(c["hwm_reset_ok"] for c in mem["cases"]):
             lines.append("WARNING: resetting VmHWM via /proc/self/clear_refs did not work; "
                          "the extra memory is overestimated.")
-    lines += _verdict_lines(results)
+    lines += common.verdict_lines(results)
     return "\n".join(lines)
-
-
-def _verdict_lines(results):
-    """The text report's verdict: one line per target, then the count of misses."""
-    lines = ["", "verdict:"]
-    for t in results["targets"]:
-        aim = f"; {t['aim']}" if t.get("aim") else ""
-        lines.append(f"  {t['status']:<7} {t['target']}: {t['value']} "
-                     f"(target {t['threshold']}{aim})")
-    missed = sum(t["status"] == "MISS" for t in results["targets"])
-    lines.append(f"{missed} of {len(results['targets'])} targets missed; total run time "
-                 f"{results['elapsed_s']:.0f} s")
-    return lines
-
-
-def _markdown_table(header, body, left=(1,)):
-    align = ["---" if j in left else "---:" for j in range(len(header))]
-    rows = [header, align] + body
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
 def _format_markdown(results):
@@ -872,9 +674,9 @@ def _format_markdown(results):
     out = ["### Update time: one step of a bfloat16 variable", "",
            f"{cfg['params']:,} parameters, bfloat16 weights, slots and gradient; median of "
            f"{cfg['repeats']} interleaved rounds, one update per `tf.function` call "
-           f"(synchronized by reading back a scalar). Machine: {_machine_line(m)}.", ""]
+           f"(synchronized by reading back a scalar). Machine: {common.machine_line(m)}.", ""]
     header, body = _timing_table(results)
-    out.append(_markdown_table(header, body))
+    out.append(common.markdown_table(header, body))
     out += ["", "B/param: bytes the update must read + write per parameter. Effective GB/s = "
                 "B/param x params / median time. Copy: `tf.raw_ops.DeepCopy` of 5 B/param "
                 "(reads 5 + writes 5). Cores: process CPU time / wall time."]
@@ -887,7 +689,7 @@ def _format_markdown(results):
         mem = results["memory"]
         out += [f"### Peak extra memory of one update ({mem['params']:,} parameters, "
                 f"{_mib(mem['params'] * 2)} MiB per variable)", "",
-                _markdown_table(*_memory_table(results), left=(0,)), "",
+                common.markdown_table(*_memory_table(results), left=(0,)), "",
                 "Fresh subprocess per case (`TF_ENABLE_ONEDNN_OPTS=0`, so that freed "
                 "temporaries go back to the OS instead of oneDNN's BFC pool); extra = VmHWM - "
                 "VmRSS before the update, after one warmup update and a VmHWM reset.", ""]

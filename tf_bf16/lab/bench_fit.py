@@ -52,33 +52,33 @@ run, for each model of ``--model`` (an MLP and a small CNN by default):
   the train step TensorFlow can run a layer's update while the backward pass
   of earlier layers still runs, and the gradients may still be in cache.
 
-* **Training-state bytes per parameter, from the variables.** For each
+* **Training-state bytes per parameter, from ``tf_bf16.audit``.** For each
   optimizer above, and for Keras's ``mixed_bfloat16`` policy (float32
   weights, bf16 compute) with stock Keras SGD-momentum and Adam, and for
   float32 SGD-momentum and Adam, a fresh model is built under that policy,
-  the optimizer is built on its trainable variables, and the bytes are summed
-  from the variables' dtypes and shapes: (bytes of the trainable weights +
-  bytes of every optimizer variable with at least one dimension: momenta,
-  moments, Kahan compensation buffers) / number of trainable parameters.
-  Scalar bookkeeping (the iteration counter, the learning rate) is excluded,
-  and so are non-trainable model variables (BatchNormalization's moving
-  statistics: model state, not per-parameter training state). Keras's
-  ``mixed_bfloat16`` keeps no bf16 copy of its weights as a variable: it
-  casts them in every step (temporaries, not state). The targets: tf_bf16
-  SGD-momentum 4 B (stochastic rounding) and 6 B (Kahan), Adam 6 B and 8 B,
-  against 12 B for ``mixed_bfloat16`` Adam. When ``tf_bf16.audit`` is
-  present its ``bytes_per_parameter`` is computed too, as a cross-check.
+  the optimizer is built on its trainable variables, and
+  ``tf_bf16.audit(model, optimizer=optimizer, trace=False)`` lists every
+  variable with its role, dtype and bytes. Its ``training_state`` gives the
+  figures: (bytes of the trainable weights + bytes of the per-parameter
+  optimizer slots: momenta, moments, Kahan compensation buffers) / number of
+  trainable parameters. Scalar bookkeeping (the iteration counter, the
+  learning rate) is excluded, and so are non-trainable model variables
+  (BatchNormalization's moving statistics: model state, not per-parameter
+  training state); the report names both. Keras's ``mixed_bfloat16`` keeps no
+  bf16 copy of its weights as a variable: it casts them in every step
+  (temporaries, not state). The targets: tf_bf16 SGD-momentum 4 B
+  (stochastic rounding) and 6 B (Kahan), Adam 6 B and 8 B, against 12 B for
+  ``mixed_bfloat16`` Adam.
 
-The verdict prints PASS or MISS for each target.
+The verdict prints PASS or MISS for each target; with ``--check`` a MISS
+makes the exit status 1.
 """
 
 import math
 import statistics
 import time
 
-from tf_bf16 import bench
-from tf_bf16.bench import _non_negative_int
-from tf_bf16.bench import _positive_int
+from tf_bf16.lab import common
 
 SUMMARY = "time model.fit steps of tf_bf16 vs stock Keras optimizers; state bytes/param"
 
@@ -89,7 +89,7 @@ Adam (stochastic rounding and Kahan) against the stock Keras optimizer on the
 same model, same weights, same data, same seed (rows interleaved); a
 gradients-only row shows what the update adds to a step, and the time of
 optimizer.apply alone is measured as well. Then the training-state bytes per
-parameter measured from the variables (trainable weights + per-parameter
+parameter that tf_bf16.audit reports (trainable weights + per-parameter
 optimizer slots incl. Kahan buffers; scalar bookkeeping excluded) for each
 optimizer and for Keras mixed_bfloat16 and float32 SGD-momentum and Adam.
 Then PASS/MISS against the targets:
@@ -102,8 +102,9 @@ Stock Keras Adam does not train in pure bf16 (beta_2 = 0.999 rounds to 1.0):
 it is a timing baseline only. TensorFlow runs single-threaded by default
 (--threads 1) so that other processes on a small machine disturb the timing
 little; --threads 0 keeps TensorFlow's thread pools. Progress goes to stderr,
-results to stdout.
-The module docstring of tf_bf16/bench_fit.py documents the method in full.
+results to stdout; --check makes a MISS fail the command (exit status 1).
+The module docstring of tf_bf16/lab/bench_fit.py documents the method in full.
+Needs the lab extra: pip install "tf_bf16[lab]".
 
 Example:
   python -m tf_bf16 bench-fit --json bench_fit.json --markdown bench_fit.md
@@ -212,34 +213,34 @@ def add_arguments(parser):
              f"at the default W={DEFAULT_WIDTH['cnn']}) or 'all' (both, one after the "
              "other; default)")
     parser.add_argument(
-        "--width", type=_positive_int, default=None, metavar="W",
+        "--width", type=common.positive_int, default=None, metavar="W",
         help="hidden units of the MLP's two hidden layers and of the CNN's Dense layer "
              f"(default {DEFAULT_WIDTH['mlp']} for the MLP, {DEFAULT_WIDTH['cnn']} for the "
              "CNN); the parameter count grows with it")
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=None, metavar="B",
+        "--batch-size", type=common.positive_int, default=None, metavar="B",
         help=f"batch size of fit (default {DEFAULT_BATCH_SIZE['mlp']} for the MLP, "
              f"{DEFAULT_BATCH_SIZE['cnn']} for the CNN: small enough that the optimizer "
              "update is a visible part of the step)")
     parser.add_argument(
-        "--steps", type=_positive_int, default=DEFAULT_STEPS, metavar="N",
+        "--steps", type=common.positive_int, default=DEFAULT_STEPS, metavar="N",
         help="timed steps per row and round: each round runs one fit call of N + 1 "
              "batches per row and times the N intervals between batch ends "
              f"(default {DEFAULT_STEPS})")
     parser.add_argument(
-        "--repeats", type=_positive_int, default=DEFAULT_REPEATS, metavar="R",
+        "--repeats", type=common.positive_int, default=DEFAULT_REPEATS, metavar="R",
         help="timed rounds (rows interleaved, order rotated every round); a row's time is "
              f"the median over its R x N timed steps (default {DEFAULT_REPEATS})")
     parser.add_argument(
-        "--warmup", type=_non_negative_int, default=DEFAULT_WARMUP, metavar="W",
+        "--warmup", type=common.non_negative_int, default=DEFAULT_WARMUP, metavar="W",
         help="untimed rounds before the timed ones; each row's first fit call traces its "
              f"train function and is never timed, even with 0 (default {DEFAULT_WARMUP})")
     parser.add_argument(
-        "--apply-calls", type=_non_negative_int, default=DEFAULT_APPLY_CALLS, metavar="K",
+        "--apply-calls", type=common.non_negative_int, default=DEFAULT_APPLY_CALLS, metavar="K",
         help="calls per row and round when timing optimizer.apply alone with fixed "
              f"gradients; 0 skips that measurement (default {DEFAULT_APPLY_CALLS})")
     parser.add_argument(
-        "--threads", type=_non_negative_int, default=DEFAULT_THREADS, metavar="T",
+        "--threads", type=common.non_negative_int, default=DEFAULT_THREADS, metavar="T",
         help="TensorFlow intra-op and inter-op thread pools of T threads each; 0 keeps "
              "TensorFlow's defaults (one intra-op thread per usable core). The default, "
              f"{DEFAULT_THREADS}, makes the step times reproducible on a small machine shared "
@@ -260,10 +261,18 @@ def add_arguments(parser):
     parser.add_argument(
         "--no-progress", action="store_true",
         help="do not show progress bars (they go to stderr)")
+    parser.add_argument("--check", action="store_true", help=common.CHECK_HELP)
+
+
+# What the command needs beyond the library (the lab extra).
+REQUIRES = ("tqdm",)
 
 
 def run(args):
-    """Runs the benchmark; prints the results; returns the exit status (0)."""
+    """Runs the benchmark; prints the results; returns the exit status
+    (see ``common.verdict_exit_status``)."""
+    if common.check_requirements("bench-fit", REQUIRES):
+        return 2
     started = time.perf_counter()
     env = _import_tensorflow(args.threads)
     tf, keras = env["tf"], env["keras"]
@@ -285,7 +294,7 @@ def run(args):
                       "interleaved, order rotated every round",
             "jit_compile": "Keras default ('auto': False on CPU)",
         },
-        "machine": bench._machine_info(tf, keras),
+        "machine": common.machine_info(tf, keras),
         "models": [],
     }
     try:
@@ -297,11 +306,11 @@ def run(args):
             results["models"].append(entry)
     finally:
         _restore_policy(keras, policy, saved_state, saved_keras_policy)
-    results["targets"] = _verdict(results)
+    results["targets"] = verdict(results)
     results["elapsed_s"] = time.perf_counter() - started
 
-    bench.write_results(results, args, _format_text, _format_markdown)
-    return 0
+    common.write_results(results, args, _format_text, _format_markdown)
+    return common.verdict_exit_status(results["targets"], args.check)
 
 
 def _restore_policy(keras, policy, state, keras_policy):
@@ -316,8 +325,7 @@ def _restore_policy(keras, policy, state, keras_policy):
 
 
 def _import_tensorflow(threads=0):
-
-    tf, keras = bench.import_tensorflow_keras("The benchmark")
+    tf, keras = common.import_tensorflow_keras("The benchmark")
     if threads:
         threading = tf.config.threading
         current = (threading.get_intra_op_parallelism_threads(),
@@ -331,9 +339,8 @@ def _import_tensorflow(threads=0):
                     f"--threads {threads}: TensorFlow has already started in this process "
                     f"({e}); run the benchmark in a fresh process, or pass --threads 0.")
     import tf_bf16
-    from tf_bf16 import ops
 
-    ops._lib()  # load the op library now: a build problem surfaces here
+    common.load_op_library()
     return {"tf": tf, "keras": keras, "tf_bf16": tf_bf16}
 
 
@@ -492,13 +499,13 @@ def _run_timing(env, spec, args):
     functions = {k: [] for k in keys}
     cores = {k: [] for k in keys}
     warmup = max(1, args.warmup)
-    with bench._progress((warmup + args.repeats) * len(keys), f"bench-fit {spec['model']}: fit",
+    with common.progress((warmup + args.repeats) * len(keys), f"bench-fit {spec['model']}: fit",
                          args.no_progress, unit="round") as bar:
         for _ in range(warmup):
             for k in keys:
                 _fit_round(models[k], dataset, min(args.steps, 3), timer_class)
                 bar.update(1)
-        load_before = bench._cpu_counters()
+        load_before = common.cpu_counters()
         for r in range(args.repeats):
             shift = r % len(keys)
             for k in keys[shift:] + keys[:shift]:
@@ -507,7 +514,7 @@ def _run_timing(env, spec, args):
                 functions[k].extend(fns)
                 cores[k].append(used)
                 bar.update(1)
-        load_after = bench._cpu_counters()
+        load_after = common.cpu_counters()
 
     apply_times = _time_apply(env, spec, base, models, x, y, args) if args.apply_calls else None
 
@@ -545,7 +552,7 @@ def _run_timing(env, spec, args):
         "parameters": params,
         "description": _describe_model(spec),
         "timing": rows,
-        "background": bench._background_load(load_before, load_after),
+        "background": common.background_load(load_before, load_after),
     }
 
 
@@ -566,7 +573,7 @@ def _time_apply(env, spec, base, models, x, y, args):
         @tf.function
         def apply():
             optimizer.apply(gradients, variables)
-            return bench._probe(tf, variables[0])
+            return common.probe(tf, variables[0])
 
         return apply
 
@@ -575,14 +582,14 @@ def _time_apply(env, spec, base, models, x, y, args):
     times = {k: [] for k in keys}
     logger = tf.get_logger()
     level = logger.level
-    with bench._progress((1 + args.repeats) * len(keys),
+    with common.progress((1 + args.repeats) * len(keys),
                          f"bench-fit {spec['model']}: apply alone", args.no_progress,
                          unit="round") as bar:
         # Tracing seven different functions in a row trips TF's retracing warning.
         logger.setLevel("ERROR")
         try:
             for k in keys:
-                bench._call(functions[k])  # traces
+                common.timed_call(functions[k])  # traces
                 bar.update(1)
         finally:
             logger.setLevel(level)
@@ -590,13 +597,13 @@ def _time_apply(env, spec, base, models, x, y, args):
             shift = r % len(keys)
             for k in keys[shift:] + keys[:shift]:
                 for _ in range(args.apply_calls):
-                    times[k].append(bench._call(functions[k])[0])
+                    times[k].append(common.timed_call(functions[k])[0])
                 bar.update(1)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 # ---------------------------------------------------------------------------
-# Training-state bytes per parameter, from the variables.
+# Training-state bytes per parameter, from tf_bf16.audit.
 
 def _set_dtype_policy(env, name):
     keras, tf_bf16 = env["keras"], env["tf_bf16"]
@@ -607,120 +614,80 @@ def _set_dtype_policy(env, name):
         keras.config.set_dtype_policy(name)
 
 
-def _dtype_size(keras, dtype):
-    import numpy as np
-
-    name = keras.backend.standardize_dtype(dtype)
-    if name == "bfloat16":
-        return 2
-    return np.dtype(name).itemsize
+# Roles of the rows of an audit report (``AuditReport.variables``).
+ROLE_TRAINABLE = "trainable weight"
+ROLE_SLOT = "optimizer slot"
+ROLE_KAHAN = "kahan buffer"
+ROLE_BOOKKEEPING = "bookkeeping"
 
 
-def measure_state_bytes(keras, model, optimizer):
-    """Training-state bytes of a model and its built optimizer, from the variables.
+def state_bytes(tf_bf16, model, optimizer):
+    """Training-state bytes of a model and its built optimizer, as
+    ``tf_bf16.audit(model, optimizer=optimizer, trace=False)`` reports them.
 
-    Returns a dict: trainable parameters, bytes of the trainable weights, of
-    the per-parameter optimizer slots (every optimizer variable with at least
-    one dimension other than Kahan buffers), of the Kahan compensation
-    buffers, what was excluded (scalar optimizer bookkeeping, non-trainable
-    model variables), and bytes_per_parameter = (weights + slots + Kahan) /
-    trainable parameters.
+    Returns a dict: the report's ``training_state`` (trainable parameters,
+    bytes of the trainable weights, of the per-parameter optimizer slots and
+    of the Kahan buffers, bytes_per_parameter = their sum / trainable
+    parameters), the dtypes of the weights and of the slots (Kahan buffers
+    included), and what was excluded (the optimizer's scalar bookkeeping,
+    the model's non-trainable variables), from the report's variable rows.
     """
-    def nbytes(variable):
-        return math.prod(int(d) for d in variable.shape) * _dtype_size(keras, variable.dtype)
+    report = tf_bf16.audit(model, optimizer=optimizer, trace=False)
+    state = report.training_state
 
-    trainable = list(model.trainable_variables)
-    trainable_ids = {id(v) for v in trainable}
-    params = sum(math.prod(int(d) for d in v.shape) for v in trainable)
-    weight_bytes = sum(nbytes(v) for v in trainable)
-    slot_bytes = kahan_bytes = scalar_bytes = 0
-    scalars, slot_dtypes = [], set()
-    for variable in optimizer.variables:
-        if id(variable) in trainable_ids:
-            continue
-        if len(variable.shape) == 0:
-            scalar_bytes += nbytes(variable)
-            scalars.append(variable.name)
-        elif variable.name.endswith("kahan_compensation"):
-            kahan_bytes += nbytes(variable)
-            slot_dtypes.add(keras.backend.standardize_dtype(variable.dtype))
-        else:
-            slot_bytes += nbytes(variable)
-            slot_dtypes.add(keras.backend.standardize_dtype(variable.dtype))
-    non_trainable = [v for v in model.variables if id(v) not in trainable_ids]
-    total = weight_bytes + slot_bytes + kahan_bytes
+    def of_optimizer(row):
+        return row.owner == optimizer.name and row.owner_class == type(optimizer).__name__
+
+    def dtypes(*roles):
+        return sorted({row.dtype for role in roles for row in report.variables_with_role(role)})
+
+    scalars = [row for row in report.variables_with_role(ROLE_BOOKKEEPING) if of_optimizer(row)]
+    non_trainable = [row for row in report.variables
+                     if not of_optimizer(row) and row.role != ROLE_TRAINABLE]
     return {
-        "trainable_parameters": params,
-        "weight_bytes": weight_bytes,
-        "slot_bytes": slot_bytes,
-        "kahan_bytes": kahan_bytes,
-        "total_bytes": total,
-        "bytes_per_parameter": total / params if params else 0.0,
-        "weight_dtypes": sorted({keras.backend.standardize_dtype(v.dtype) for v in trainable}),
-        "slot_dtypes": sorted(slot_dtypes),
-        "excluded_optimizer_scalars": scalars,
-        "excluded_optimizer_scalar_bytes": scalar_bytes,
+        "trainable_parameters": state.trainable_parameters,
+        "weight_bytes": state.weight_bytes,
+        "slot_bytes": state.slot_bytes,
+        "kahan_bytes": state.kahan_bytes,
+        "total_bytes": state.total_bytes,
+        "bytes_per_parameter": float(state.bytes_per_parameter),
+        "weight_dtypes": dtypes(ROLE_TRAINABLE),
+        "slot_dtypes": dtypes(ROLE_SLOT, ROLE_KAHAN),
+        "excluded_optimizer_scalars": [row.path.rsplit("/", 1)[-1] for row in scalars],
+        "excluded_optimizer_scalar_bytes": sum(row.bytes for row in scalars),
         "excluded_non_trainable_variables": len(non_trainable),
-        "excluded_non_trainable_bytes": sum(nbytes(v) for v in non_trainable),
+        "excluded_non_trainable_bytes": sum(row.bytes for row in non_trainable),
     }
-
-
-def _audit_bytes(model, optimizer):
-    """tf_bf16.audit's bytes per parameter, or None when the audit is not there."""
-    import importlib
-
-    try:
-        module = importlib.import_module("tf_bf16.audit")
-    except ImportError:
-        return None, "tf_bf16.audit not available"
-    try:
-        report = module.audit(model, optimizer=optimizer, trace=False)
-        return float(report.bytes_per_parameter), None
-    except Exception as e:  # a cross-check only: never fail the benchmark on it
-        return None, f"{type(e).__name__}: {e}"
 
 
 def _run_bytes(env, spec):
     keras = env["keras"]
     rows = []
-    audit_notes = set()
     for row in BYTES_ROWS:
         _set_dtype_policy(env, row.policy)
         keras.utils.set_random_seed(SEED)
         model = _build_model(keras, spec, f"{spec['model']}_bytes_{row.key}")
         optimizer = _make_optimizer(env, row.optimizer)
         optimizer.build(model.trainable_variables)
-        measured = measure_state_bytes(keras, model, optimizer)
-        audit_value, note = _audit_bytes(model, optimizer)
-        if note:
-            audit_notes.add(note)
+        measured = state_bytes(env["tf_bf16"], model, optimizer)
         measured.update({
             "key": row.key, "label": row.label, "policy": row.policy,
             "expected": row.expected, "target": row.target,
             "matches_expected": measured["bytes_per_parameter"] == row.expected,
-            "audit_bytes_per_parameter": audit_value,
         })
         rows.append(measured)
         del model, optimizer
     reference = next(r for r in rows if r["key"] == BYTES_REFERENCE)["bytes_per_parameter"]
     for r in rows:
         r["ratio_to_reference"] = r["bytes_per_parameter"] / reference
-    audited = [r for r in rows if r["audit_bytes_per_parameter"] is not None]
-    return {
-        "rows": rows,
-        "audit": {
-            "rows_checked": len(audited),
-            "agrees": all(r["audit_bytes_per_parameter"] == r["bytes_per_parameter"]
-                          for r in audited) if audited else None,
-            "notes": sorted(audit_notes),
-        },
-    }
+    return {"rows": rows}
 
 
 # ---------------------------------------------------------------------------
 # Verdict.
 
-def _verdict(results):
+def verdict(results):
+    """The targets (see ``common.verdict_lines``) met or missed by `results`."""
     targets = []
     for entry in results["models"]:
         kind = entry["spec"]["model"]
@@ -804,8 +771,9 @@ def _bytes_notes(entry):
     rows = entry["bytes"]["rows"]
     first = rows[0]
     notes = [f"B/param = (trainable weights + per-parameter optimizer slots + Kahan buffers) "
-             f"/ {first['trainable_parameters']:,} trainable parameters, summed from the "
-             "variables' dtypes and shapes (weights/slots/Kahan columns: B/param and dtype). "
+             f"/ {first['trainable_parameters']:,} trainable parameters, from "
+             "tf_bf16.audit(model, optimizer=optimizer, trace=False).training_state "
+             "(weights/slots/Kahan columns: B/param and dtype). "
              "Excluded: scalar optimizer bookkeeping ("
              f"{', '.join(first['excluded_optimizer_scalars']) or 'none'}; a few bytes in all)"]
     if first["excluded_non_trainable_variables"]:
@@ -814,13 +782,6 @@ def _bytes_notes(entry):
                       "BatchNormalization moving statistics, model state)")
     notes[-1] += (". Keras mixed_bfloat16 keeps no bf16 weight copy as a variable (it casts "
                   "each step: temporaries).")
-    audit = entry["bytes"]["audit"]
-    if audit["rows_checked"]:
-        notes.append(f"Cross-check: tf_bf16.audit(model, trace=False).bytes_per_parameter "
-                     f"{'agrees on all' if audit['agrees'] else 'DISAGREES on some of the'} "
-                     f"{audit['rows_checked']} rows.")
-    elif audit["notes"]:
-        notes.append("Cross-check with tf_bf16.audit not done: " + "; ".join(audit["notes"]))
     return notes
 
 
@@ -854,10 +815,9 @@ def _entry_heading(entry, results):
 
 
 def _format_text(results):
-
     m, cfg = results["machine"], results["config"]
     lines = ["tf_bf16 fit benchmark: model.fit step time and training-state bytes per parameter",
-             f"machine: {bench._machine_line(m)}",
+             f"machine: {common.machine_line(m)}",
              f"         {m['os']}; TF intra-op threads {m['intra_op_threads']}, inter-op "
              f"{m['inter_op_threads']} (--threads); oneDNN {m['tf_enable_onednn_opts']}; "
              f"jit_compile {cfg['jit_compile']}; op library built with "
@@ -867,21 +827,20 @@ def _format_text(results):
              "data for every row; policy tf_bf16.set_policy() (all variables bf16, strict)"]
     for entry in results["models"]:
         lines += ["", "== " + _entry_heading(entry, results)]
-        lines.append(bench._text_table(*_timing_table(entry)))
+        lines.append(common.text_table(*_timing_table(entry)))
         lines += _timing_notes(entry, results)
         if entry["bytes"] is not None:
             lines += ["", f"training-state bytes per parameter ({entry['spec']['model']}):",
-                      bench._text_table(*_bytes_table(entry), left=(0, 1, 2, 7))]
+                      common.text_table(*_bytes_table(entry), left=(0, 1, 2, 7))]
             lines += _bytes_notes(entry)
-    lines += bench._verdict_lines(results)
+    lines += common.verdict_lines(results)
     return "\n".join(lines)
 
 
 def _format_markdown(results):
-
     m = results["machine"]
     out = ["### model.fit step time and training-state bytes per parameter", "",
-           f"Machine: {bench._machine_line(m)}; TensorFlow intra-op threads "
+           f"Machine: {common.machine_line(m)}; TensorFlow intra-op threads "
            f"{m['intra_op_threads']}, inter-op {m['inter_op_threads']}; oneDNN "
            f"{m['tf_enable_onednn_opts']}; op library built with "
            f"{' '.join(m['op_library_flags']) or '?'}. "
@@ -889,11 +848,11 @@ def _format_markdown(results):
            "data and seed for every row; rows interleaved.", ""]
     for entry in results["models"]:
         out += [f"#### {_entry_heading(entry, results)}", "",
-                bench._markdown_table(*_timing_table(entry)), ""]
+                common.markdown_table(*_timing_table(entry)), ""]
         out += [" ".join(_timing_notes(entry, results)), ""]
         if entry["bytes"] is not None:
             out += [f"Training-state bytes per parameter ({entry['spec']['model']}):", "",
-                    bench._markdown_table(*_bytes_table(entry), left=(0, 1, 2, 7)), "",
+                    common.markdown_table(*_bytes_table(entry), left=(0, 1, 2, 7)), "",
                     " ".join(_bytes_notes(entry)), ""]
     out += ["#### Targets", ""]
     for t in results["targets"]:

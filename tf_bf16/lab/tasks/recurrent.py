@@ -44,7 +44,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from tf_bf16.tasks.base import Task, TaskData
+from tf_bf16.lab.tasks.base import Task, TaskData
 
 CHANNELS = 24
 FRAMES = 48

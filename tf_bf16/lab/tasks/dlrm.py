@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-from tf_bf16.tasks.base import Task, TaskData
+from tf_bf16.lab.tasks.base import Task, TaskData
 
 NUM_DENSE = 8
 VOCAB_SIZES = (100000, 50000, 20000, 10000, 2000, 500, 100, 20)

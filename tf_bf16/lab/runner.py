@@ -1,0 +1,372 @@
+"""Training the variants of a task: what ``python -m tf_bf16 compare`` and
+``results`` run (the command line is tf_bf16/lab/cli.py, tables and plots
+tf_bf16/lab/report.py).
+
+``run_task(task, seed, variants, cfg)`` trains the same model, with the same
+initial weights, data order and seed, once per variant
+(``tf_bf16.lab.tasks.VARIANTS``, plus ``STOCK``):
+
+- ``float32``: Keras's default float32 policy and the stock Keras optimizer
+  (``keras.optimizers.SGD(momentum=0.9)``, ``Adam`` or ``AdamW``, per task),
+  given densified sparse gradients (see ``_with_dense_gradients``);
+- ``nearest``: Keras's ``"bfloat16"`` policy and the tf_bf16 optimizer with
+  ``rounding="nearest"``: what plain bf16 training gives, minus Keras's bf16
+  Adam bug (stock Keras Adam never moves a weight in pure bf16 because
+  ``beta_2 = 0.999`` rounds to 1.0; ``--include-stock`` adds that column,
+  ``stock``: the ``"bfloat16"`` policy with the stock Keras optimizer);
+- ``stochastic`` / ``kahan``: ``tf_bf16.set_policy()`` (strict; BatchNorm
+  moving statistics stored with stochastic rounding) and the tf_bf16 optimizer
+  with that rounding.
+
+Same initial weights: the model is built once under the float32 policy after
+``keras.utils.set_random_seed(seed)``; every variant builds its own model under
+its policy and receives those weights (``set_weights``: rounded to nearest
+bf16 for the bf16 variants). Same data order: ``Task.make_data(seed)`` is
+called once per seed and shared; for array data the runner shuffles every
+epoch with ``numpy.random.RandomState(seed * 1000 + epoch)``, the same for all
+variants. Keras's global dtype policy is restored (``tf_bf16.reset_policy()``)
+after each run.
+
+Training-state bytes per parameter come from ``tf_bf16.audit(model,
+optimizer=..., trace=False)`` (trainable weights + per-parameter optimizer
+slots + Kahan buffers, over trainable parameters).
+
+TaskData.train may be a tuple ``(x, y)`` of arrays (batched and shuffled by the
+runner, see above) or a ``tf.data.Dataset`` of ``(x, y)`` batches in a fixed
+order (then ``steps_per_epoch`` says how many batches make an epoch; it is
+required for an infinite dataset).
+
+Not for the command line or the outputs; TensorFlow, Keras and tqdm are
+imported when training starts, not when this module is imported.
+"""
+
+import math
+import time
+
+from tf_bf16.lab import common
+from tf_bf16.lab import report
+from tf_bf16.lab.tasks.base import STOCK
+
+# The last share of the steps in which the runner counts the weights that still
+# move: where the paper locates the lost updates (small steps late in training).
+LATE_FRACTION = 0.1
+
+
+def import_keras():
+    """(keras, tf, tf_bf16), with Keras on its TensorFlow backend."""
+    tf, keras = common.import_tensorflow_keras("compare")
+    import tf_bf16
+
+    return keras, tf, tf_bf16
+
+
+def training_config(task, args):
+    """Effective training settings: the task's, its reduced overrides (when
+    ``args.reduced``), then ``args.epochs``, ``.steps``, ``.learning_rate`` and
+    ``.batch_size`` where not None (the command line's overrides)."""
+    cfg = {"epochs": task.epochs, "learning_rate": task.learning_rate,
+           "batch_size": task.batch_size, "steps_per_epoch": None,
+           "optimizer": task.optimizer,
+           "optimizer_kwargs": dict(getattr(task, "optimizer_kwargs", None) or {})}
+    if args.reduced:
+        for key, value in (task.reduced or {}).items():
+            if key in cfg:
+                cfg[key] = value
+    if args.epochs is not None:
+        cfg["epochs"] = args.epochs
+    if args.steps is not None:
+        cfg["steps_per_epoch"] = args.steps
+    if args.learning_rate is not None:
+        cfg["learning_rate"] = args.learning_rate
+    if args.batch_size is not None:
+        cfg["batch_size"] = args.batch_size
+    return cfg
+
+
+def _set_policy(variant, seed):
+    keras, _, tf_bf16 = import_keras()
+    tf_bf16.reset_policy()
+    if variant in ("nearest", STOCK):
+        keras.config.set_dtype_policy("bfloat16")
+    elif variant in ("stochastic", "kahan"):
+        tf_bf16.set_policy(seed=seed)
+
+
+def make_optimizer(variant, cfg, seed):
+    """The optimizer of one variant: stock Keras (float32, stock) or tf_bf16 with that rounding."""
+    keras, _, tf_bf16 = import_keras()
+    name = cfg["optimizer"].lower()
+    kwargs = dict(cfg["optimizer_kwargs"])
+    kwargs["learning_rate"] = cfg["learning_rate"]
+    if name == "sgd":
+        kwargs.setdefault("momentum", 0.9)
+    classes = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "lion": "Lion"}
+    if name not in classes:
+        raise ValueError(f"unknown task optimizer {cfg['optimizer']!r}; "
+                         f"expected one of {', '.join(classes)}")
+    if variant in ("float32", STOCK):
+        return _with_dense_gradients(getattr(keras.optimizers, classes[name]))(**kwargs)
+    return getattr(tf_bf16.optimizers, classes[name])(rounding=variant, seed=seed, **kwargs)
+
+
+_DENSE_GRADIENT_CLASSES = {}
+
+
+def _with_dense_gradients(optimizer_class):
+    """The Keras optimizer class, applied to densified IndexedSlices gradients.
+
+    Why: on the TensorFlow backend, Keras's Adam/AdamW square an IndexedSlices
+    gradient (an Embedding's) occurrence by occurrence before summing duplicate
+    rows, so ``v`` gets sum(g_k^2) instead of (sum g_k)^2 -- a different
+    algorithm from its own dense update (and from Keras on JAX or PyTorch,
+    whose gradients are dense). tf_bf16's optimizers follow the dense update.
+    Without this, float32 and the bf16 variants would not run the same
+    algorithm: on transformer_lm it alone moved float32's held-out bits/char by
+    0.05. For SGD and Lion, whose updates are linear in the gradient, densifying
+    changes nothing but the summation order of duplicate rows.
+    """
+    if optimizer_class not in _DENSE_GRADIENT_CLASSES:
+        import tensorflow as tf
+
+        def apply(self, grads, trainable_variables=None):
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                     for g in grads]
+            return optimizer_class.apply(self, grads, trainable_variables)
+
+        _DENSE_GRADIENT_CLASSES[optimizer_class] = type(
+            optimizer_class.__name__, (optimizer_class,),
+            {"apply": apply, "__module__": optimizer_class.__module__,
+             "__doc__": _with_dense_gradients.__doc__})
+    return _DENSE_GRADIENT_CLASSES[optimizer_class]
+
+
+def _first_batch_x(data, cfg):
+    train = data.train
+    if isinstance(train, (tuple, list)):
+        return train[0][: cfg["batch_size"]]
+    for x, _ in train.take(1):
+        return x
+    raise ValueError("the task's training dataset is empty")
+
+
+def _ensure_built(model, data, cfg):
+    if not model.built or not model.weights:
+        model(_first_batch_x(data, cfg))
+
+
+def _array_epoch(data, cfg, seed, epoch):
+    import numpy as np
+
+    x, y = data.train[0], data.train[1]
+    n = len(x)
+    order = np.random.RandomState(seed * 1000 + epoch).permutation(n)
+    batch = cfg["batch_size"]
+    steps = math.ceil(n / batch)
+    if cfg["steps_per_epoch"] is not None:
+        steps = min(steps, cfg["steps_per_epoch"])
+        order = order[: steps * batch]
+    return x[order], y[order], steps
+
+
+def _steps_per_epoch(data, cfg):
+    """Steps per epoch; None for a finite dataset of unknown length (one pass)."""
+    if isinstance(data.train, (tuple, list)):
+        n = len(data.train[0])
+        steps = math.ceil(n / cfg["batch_size"])
+        if cfg["steps_per_epoch"] is not None:
+            steps = min(steps, cfg["steps_per_epoch"])
+        return steps
+    steps = data.steps_per_epoch
+    cardinality = int(data.train.cardinality())
+    if steps is None and cardinality >= 0:
+        steps = cardinality
+    if cfg["steps_per_epoch"] is not None:
+        steps = cfg["steps_per_epoch"]
+        if cardinality >= 0:
+            steps = min(steps, cardinality)
+    return steps
+
+
+def _state_dtypes(keras, model, optimizer):
+    """Dtypes of every model variable and every per-parameter optimizer variable."""
+    names = set()
+    for v in model.variables:
+        names.add(keras.backend.standardize_dtype(v.dtype))
+    for v in optimizer.variables:
+        if len(v.shape) > 0:
+            names.add(keras.backend.standardize_dtype(v.dtype))
+    return sorted(names)
+
+
+def _changed_fraction(model, initial):
+    import numpy as np
+
+    changed = total = 0
+    for w0, v in zip(initial, model.trainable_variables):
+        now = np.asarray(v.numpy(), dtype=np.float32)
+        start = np.asarray(w0, dtype=np.float32)
+        changed += int(np.sum(now != start))
+        total += now.size
+    return changed / total if total else 0.0
+
+
+# ---------------------------------------------------------------------------
+# Training one variant.
+
+class _Progress:
+    """A keras Callback driving a tqdm bar over all steps of one variant."""
+
+    def __new__(cls, keras, total, desc, disable, snapshot_at=None, evaluate_every=None,
+                evaluate=None, steps_per_epoch=None, format_metric=str):
+        class Callback(keras.callbacks.Callback):
+            """Also copies the trainable weights before global step ``snapshot_at``
+            (``self.snapshot``), to measure how many weights the last steps moved,
+            and records ``evaluate()`` every ``evaluate_every`` steps inside an
+            epoch (``self.points``: (global step, value); epoch ends excluded)."""
+
+            def __init__(self):
+                super().__init__()
+                self.bar = common.progress(total, desc, disable, unit="step")
+                self.metric = None
+                self.steps_done = 0
+                self.snapshot = None
+                self.points = []
+
+            def on_train_batch_begin(self, batch, logs=None):
+                if self.steps_done == snapshot_at:
+                    import numpy as np
+                    self.snapshot = [np.array(v.numpy(), dtype=np.float32)
+                                     for v in self.model.trainable_variables]
+
+            def on_train_batch_end(self, batch, logs=None):
+                self.steps_done += 1
+                self.bar.update(1)
+                if (evaluate_every and (batch + 1) % evaluate_every == 0
+                        and (steps_per_epoch is None or batch + 1 < steps_per_epoch)):
+                    value = float(evaluate())
+                    self.points.append((self.steps_done, value))
+                    self.metric = format_metric(value)
+                if logs and "loss" in logs and batch % 10 == 0:
+                    post = {"loss": f"{float(logs['loss']):.4g}"}
+                    if self.metric is not None:
+                        post["metric"] = self.metric
+                    self.bar.set_postfix(post, refresh=False)
+
+            def close(self):
+                self.bar.close()
+
+        return Callback()
+
+
+def train_variant(task, variant, seed, data, initial_weights, cfg, progress=True):
+    """Trains one variant; returns a dict of results. Restores the float32 policy."""
+    import numpy as np
+
+    keras, tf, tf_bf16 = import_keras()
+    started = time.perf_counter()
+    try:
+        _set_policy(variant, seed)
+        keras.utils.set_random_seed(seed)
+        model = task.make_model(seed, reduced=cfg["reduced"])
+        _ensure_built(model, data, cfg)
+        model.set_weights(initial_weights)
+        start_weights = [np.asarray(v.numpy(), dtype=np.float32)
+                         for v in model.trainable_variables]
+        optimizer = make_optimizer(variant, cfg, seed)
+        model.compile(optimizer=optimizer, loss=task.loss())
+        steps = _steps_per_epoch(data, cfg)
+        epochs = cfg["epochs"]
+        total = None if steps is None else epochs * steps
+        # The last LATE_FRACTION of the steps: where the paper locates the lost
+        # updates (small steps late in training).
+        late_start = None if total is None else total - max(1, round(LATE_FRACTION * total))
+        curve_fn = task.curve if task.curve is not None else task.evaluate
+        points = int(getattr(task, "curve_points_per_epoch", 1) or 1)
+        evaluate_every = (steps // points if steps is not None and points > 1
+                          and steps >= points else None)
+        bar = _Progress(keras, total, f"{task.name} seed {seed} {report.LABELS[variant]:>16}",
+                        not progress, snapshot_at=late_start, evaluate_every=evaluate_every,
+                        evaluate=lambda: curve_fn(model, data), steps_per_epoch=steps,
+                        format_metric=lambda value: report.format_metric(task, value))
+        curve, curve_steps, losses = [], [], []
+        try:
+            for epoch in range(epochs):
+                keras.utils.set_random_seed(seed * 1000 + epoch)
+                if isinstance(data.train, (tuple, list)):
+                    x, y, _ = _array_epoch(data, cfg, seed, epoch)
+                    history = model.fit(x, y, batch_size=cfg["batch_size"], epochs=1,
+                                        shuffle=False, verbose=0, callbacks=[bar])
+                else:
+                    history = model.fit(data.train, epochs=1, steps_per_epoch=steps, shuffle=False,
+                                        verbose=0, callbacks=[bar])
+                losses.append(float(history.history["loss"][-1]))
+                for step, value in bar.points:
+                    curve.append(value)
+                    curve_steps.append(step)
+                bar.points.clear()
+                value = float(curve_fn(model, data))
+                curve.append(value)
+                curve_steps.append(bar.steps_done)
+                bar.metric = report.format_metric(task, value)
+        finally:
+            bar.close()
+        final = float(task.evaluate(model, data)) if task.curve is not None else curve[-1]
+        state = tf_bf16.audit(model, optimizer=optimizer, trace=False).training_state
+        result = {
+            "variant": variant,
+            "label": report.LABELS[variant],
+            "seed": seed,
+            "metric": final,
+            "curve": curve,
+            "curve_steps": curve_steps,  # optimizer steps done at each curve point
+            "train_loss": losses,
+            "steps": int(optimizer.iterations.numpy()),
+            "steps_per_epoch": steps,
+            "epochs": epochs,
+            "optimizer": type(optimizer).__module__.split(".")[0] + "."
+                         + type(optimizer).__name__
+                         + (f"(rounding={optimizer.rounding!r})"
+                            if getattr(optimizer, "rounding", None) else ""),
+            "dtype_policy": keras.config.dtype_policy().name,
+            "bytes_per_parameter": float(state.bytes_per_parameter),
+            "trainable_parameters": int(state.trainable_parameters),
+            "state_dtypes": _state_dtypes(keras, model, optimizer),
+            "weights_changed_fraction": _changed_fraction(model, start_weights),
+            # Share of trainable weights the last LATE_FRACTION of the steps changed
+            # (None when the step count is unknown).
+            "late_weights_changed_fraction": (
+                None if bar.snapshot is None else _changed_fraction(model, bar.snapshot)),
+            "finite": bool(math.isfinite(final) and all(math.isfinite(x) for x in losses)),
+        }
+    finally:
+        tf_bf16.reset_policy()
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def initial_weights(task, seed, data, cfg):
+    """The float32 model's initial weights for `seed` (shared by every variant)."""
+    keras, _, tf_bf16 = import_keras()
+    tf_bf16.reset_policy()
+    keras.utils.set_random_seed(seed)
+    model = task.make_model(seed, reduced=cfg["reduced"])
+    _ensure_built(model, data, cfg)
+    return model.get_weights()
+
+
+def run_task(task, seed, variants, cfg, progress=True):
+    """All variants of one task and seed: {"variants": {name: result}, ...}."""
+    import_keras()
+    data = task.make_data(seed, reduced=cfg["reduced"])
+    weights = initial_weights(task, seed, data, cfg)
+    out = {}
+    for variant in variants:
+        out[variant] = train_variant(task, variant, seed, data, weights, cfg, progress)
+        # Facts about the data a reader needs to judge the metric (e.g. DLRM's
+        # ground-truth log-loss floor); the same for every variant of a seed.
+        out[variant]["task_info"] = dict(data.info)
+    if "float32" in out:
+        ref = out["float32"]["metric"]
+        for r in out.values():
+            r["gap_to_float32"] = r["metric"] - ref
+    return out
