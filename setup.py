@@ -30,6 +30,7 @@ OP_SOURCES = [
 HEADERS = [
     "cc/kernels/bf16_update_math.h",
     "cc/kernels/bf16_training_ops.h",
+    "cc/kernels/bf16_training_op_helpers.h",
 ]
 # -ffp-contract=off: no fused multiply-add, so the float32 math rounds after
 # every operation exactly as the TensorFlow reference does (docs/rounding.md).
