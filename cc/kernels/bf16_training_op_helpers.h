@@ -211,8 +211,9 @@ class LockedVariables {
       attr.set_nic_compatible(true);
       TF_RETURN_IF_ERROR(ctx->allocate_temp(t->dtype(), t->shape(), &copy, attr));
       if (t->TotalBytes() > 0) {
-        functor::Bf16CopyBytes<Device>()(ctx->eigen_device<Device>(), copy.data(), t->data(),
-                                         static_cast<int64_t>(t->TotalBytes()));
+        TF_RETURN_IF_ERROR(functor::Bf16CopyBytes<Device>()(
+            ctx->eigen_device<Device>(), copy.data(), t->data(),
+            static_cast<int64_t>(t->TotalBytes())));
       }
       *t = copy;
     }

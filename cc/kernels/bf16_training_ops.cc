@@ -57,7 +57,7 @@ void ParallelElements(const CPUDevice& d, int64_t n, double bytes_loaded,
 
 template <>
 struct Bf16StochasticRound<CPUDevice> {
-  void operator()(const CPUDevice& d, const float* x, uint16_t* y, int64_t n,
+  absl::Status operator()(const CPUDevice& d, const float* x, uint16_t* y, int64_t n,
                   const tf_bf16::LaneKeys& keys) {
     ParallelElements(d, n, 4, 2, 12, keys,
                      [x, y](int64_t begin, int64_t end, const tf_bf16::LaneKeys& k) {
@@ -67,6 +67,7 @@ struct Bf16StochasticRound<CPUDevice> {
                              x[i], tf_bf16::RandomBits16(key, static_cast<uint32_t>(i)));
                        }
                      });
+    return absl::OkStatus();
   }
 };
 
@@ -97,7 +98,7 @@ Scalars WithConstantMasks(Scalars p) {
 
 template <Rounding R, typename S, typename D>
 struct Bf16RoundedAssignAdd<CPUDevice, R, S, D> {
-  void operator()(const CPUDevice& d, S* var, uint16_t* compensation, const D* delta,
+  absl::Status operator()(const CPUDevice& d, S* var, uint16_t* compensation, const D* delta,
                   int64_t n, const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) + (R == Rounding::kKahan ? 2 : 0);
     ParallelElements(d, n, state + sizeof(D), state, 8, keys,
@@ -111,12 +112,13 @@ struct Bf16RoundedAssignAdd<CPUDevice, R, S, D> {
                          tf_bf16::AssignAddElement<R>(w, c, tf_bf16::Load(dl[i]), i, lo, k);
                        }
                      });
+    return absl::OkStatus();
   }
 };
 
 template <Rounding R, typename S, typename G>
 struct Bf16ApplySgd<CPUDevice, R, S, G> {
-  void operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
+  absl::Status operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
                   const G* grad, int64_t n, const tf_bf16::SgdScalars& p,
                   const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) * (accum ? 2 : 1) + (R == Rounding::kKahan ? 2 : 0);
@@ -147,12 +149,13 @@ struct Bf16ApplySgd<CPUDevice, R, S, G> {
                      [&](auto nesterov) { run(std::true_type(), nesterov, decay); });
       }
     });
+    return absl::OkStatus();
   }
 };
 
 template <Rounding R, typename S, typename G>
 struct Bf16ApplyAdam<CPUDevice, R, S, G> {
-  void operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
+  absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
                   const G* grad, int64_t n, const tf_bf16::AdamScalars& p,
                   const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) * (vhat ? 4 : 3) + (R == Rounding::kKahan ? 2 : 0);
@@ -179,12 +182,13 @@ struct Bf16ApplyAdam<CPUDevice, R, S, G> {
     DispatchBool(vhat != nullptr, [&](auto amsgrad) {
       DispatchBool(p.weight_decay_mask != 0, [&](auto decay) { run(amsgrad, decay); });
     });
+    return absl::OkStatus();
   }
 };
 
 template <Rounding R, typename S, typename G>
 struct Bf16ApplyLion<CPUDevice, R, S, G> {
-  void operator()(const CPUDevice& d, S* var, S* m, uint16_t* compensation, const G* grad,
+  absl::Status operator()(const CPUDevice& d, S* var, S* m, uint16_t* compensation, const G* grad,
                   int64_t n, const tf_bf16::LionScalars& p,
                   const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) * 2 + (R == Rounding::kKahan ? 2 : 0);
@@ -205,6 +209,7 @@ struct Bf16ApplyLion<CPUDevice, R, S, G> {
                          }
                        });
     });
+    return absl::OkStatus();
   }
 };
 
@@ -248,7 +253,7 @@ void ForRowElements(int64_t first, int64_t row_size, const tf_bf16::LaneKeys& ke
 
 template <Rounding R, typename S, typename G>
 struct Bf16SparseApplySgd<CPUDevice, R, S, G> {
-  void operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
+  absl::Status operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
                   const G* grad, const SparseIndexGroups& groups, int64_t row_size,
                   const tf_bf16::SgdScalars& p, const tf_bf16::LaneKeys& keys) {
     auto run = [&](auto use_momentum) {
@@ -274,12 +279,13 @@ struct Bf16SparseApplySgd<CPUDevice, R, S, G> {
     } else {
       run(std::false_type());
     }
+    return absl::OkStatus();
   }
 };
 
 template <Rounding R, typename S, typename G>
 struct Bf16SparseApplyAdam<CPUDevice, R, S, G> {
-  void operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
+  absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
                   const G* grad, const SparseIndexGroups& groups, int64_t row_size,
                   const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
     auto run = [&](auto amsgrad) {
@@ -306,13 +312,15 @@ struct Bf16SparseApplyAdam<CPUDevice, R, S, G> {
     } else {
       run(std::false_type());
     }
+    return absl::OkStatus();
   }
 };
 
 template <>
 struct Bf16CopyBytes<CPUDevice> {
-  void operator()(const CPUDevice& d, void* dst, const void* src, int64_t bytes) {
+  absl::Status operator()(const CPUDevice& d, void* dst, const void* src, int64_t bytes) {
     std::memcpy(dst, src, static_cast<size_t>(bytes));
+    return absl::OkStatus();
   }
 };
 
@@ -384,9 +392,9 @@ class StochasticRoundOp : public OpKernel {
     const Tensor& x = ctx->input(0);
     Tensor* y;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
-    functor::Bf16StochasticRound<Device>()(ctx->eigen_device<Device>(),
-                                           x.flat<float>().data(), StoragePtr<bfloat16>(y),
-                                           x.NumElements(), keys);
+    OP_REQUIRES_OK(ctx, functor::Bf16StochasticRound<Device>()(
+                            ctx->eigen_device<Device>(), x.flat<float>().data(),
+                            StoragePtr<bfloat16>(y), x.NumElements(), keys));
   }
 };
 
@@ -415,12 +423,14 @@ class RoundedAssignAddOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckGradient(*delta, shape, "delta"));
     OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
 
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16RoundedAssignAdd<Device, decltype(r)::value, typename StorageOf<T>::type,
+      status = functor::Bf16RoundedAssignAdd<Device, decltype(r)::value, typename StorageOf<T>::type,
                                     typename StorageOf<D>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")), CompensationPtr(vars),
           StoragePtr<D>(*delta), shape.num_elements(), keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
@@ -460,13 +470,15 @@ class ApplySgdOp : public OpKernel {
     OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
 
     Tensor* accum = vars.Get("accum");
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16ApplySgd<Device, decltype(r)::value, typename StorageOf<T>::type,
+      status = functor::Bf16ApplySgd<Device, decltype(r)::value, typename StorageOf<T>::type,
                             typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           accum ? StoragePtr<T>(accum) : nullptr, CompensationPtr(vars),
           StoragePtr<G>(*grad), shape.num_elements(), p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
@@ -510,14 +522,16 @@ class ApplyAdamOp : public OpKernel {
     OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
 
     Tensor* vhat = vars.Get("vhat");
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16ApplyAdam<Device, decltype(r)::value, typename StorageOf<T>::type,
+      status = functor::Bf16ApplyAdam<Device, decltype(r)::value, typename StorageOf<T>::type,
                              typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), StoragePtr<T>(vars.Get("v")),
           vhat ? StoragePtr<T>(vhat) : nullptr, CompensationPtr(vars),
           StoragePtr<G>(*grad), shape.num_elements(), p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
@@ -553,13 +567,15 @@ class ApplyLionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckGradient(*grad, shape));
     OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
 
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16ApplyLion<Device, decltype(r)::value, typename StorageOf<T>::type,
+      status = functor::Bf16ApplyLion<Device, decltype(r)::value, typename StorageOf<T>::type,
                              typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), CompensationPtr(vars), StoragePtr<G>(*grad),
           shape.num_elements(), p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
@@ -609,13 +625,15 @@ class SparseApplySgdOp : public OpKernel {
 
     const int64_t row_size = rows == 0 ? 0 : shape.num_elements() / rows;
     Tensor* accum = vars.Get("accum");
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16SparseApplySgd<Device, decltype(r)::value, typename StorageOf<T>::type,
+      status = functor::Bf16SparseApplySgd<Device, decltype(r)::value, typename StorageOf<T>::type,
                                   typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           accum ? StoragePtr<T>(accum) : nullptr, CompensationPtr(vars),
           StoragePtr<G>(*grad), groups, row_size, p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
@@ -666,14 +684,16 @@ class SparseApplyAdamOp : public OpKernel {
 
     const int64_t row_size = rows == 0 ? 0 : shape.num_elements() / rows;
     Tensor* vhat = vars.Get("vhat");
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16SparseApplyAdam<Device, decltype(r)::value, typename StorageOf<T>::type,
+      status = functor::Bf16SparseApplyAdam<Device, decltype(r)::value, typename StorageOf<T>::type,
                                    typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), StoragePtr<T>(vars.Get("v")),
           vhat ? StoragePtr<T>(vhat) : nullptr, CompensationPtr(vars),
           StoragePtr<G>(*grad), groups, row_size, p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
@@ -827,8 +847,13 @@ namespace functor {
 DECLARE_GPU_TYPES(Rounding::kNearest)
 DECLARE_GPU_TYPES(Rounding::kStochastic)
 DECLARE_GPU_TYPES(Rounding::kKahan)
-extern template struct Bf16StochasticRound<GPUDevice>;
-extern template struct Bf16CopyBytes<GPUDevice>;
+template <>
+absl::Status Bf16StochasticRound<GPUDevice>::operator()(const GPUDevice& d, const float* x,
+                                                        uint16_t* y, int64_t n,
+                                                        const tf_bf16::LaneKeys& keys);
+template <>
+absl::Status Bf16CopyBytes<GPUDevice>::operator()(const GPUDevice& d, void* dst,
+                                                  const void* src, int64_t bytes);
 extern template struct Bf16GroupSparseIndices<GPUDevice, int32>;
 extern template struct Bf16GroupSparseIndices<GPUDevice, int64_t>;
 #undef DECLARE_GPU_TYPES

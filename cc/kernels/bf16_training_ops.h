@@ -17,6 +17,9 @@ class OpKernelContext;
 
 namespace functor {
 
+// Every functor returns an error only for a failure of the device (a CUDA
+// launch or copy); inputs are validated before a functor is called.
+//
 // Pointers address a variable's storage on the functor's device: float for
 // float32 tensors, raw uint16_t bit patterns for bfloat16 ones. Optional
 // tensors (accum, compensation, vhat) are nullptr when absent. `keys` are the
@@ -25,33 +28,33 @@ namespace functor {
 
 template <typename Device>
 struct Bf16StochasticRound {
-  void operator()(const Device& d, const float* x, uint16_t* y, int64_t n,
+  absl::Status operator()(const Device& d, const float* x, uint16_t* y, int64_t n,
                   const tf_bf16::LaneKeys& keys);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename D>
 struct Bf16RoundedAssignAdd {
-  void operator()(const Device& d, S* var, uint16_t* compensation, const D* delta,
+  absl::Status operator()(const Device& d, S* var, uint16_t* compensation, const D* delta,
                   int64_t n, const tf_bf16::LaneKeys& keys);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16ApplySgd {
-  void operator()(const Device& d, S* var, S* accum, uint16_t* compensation,
+  absl::Status operator()(const Device& d, S* var, S* accum, uint16_t* compensation,
                   const G* grad, int64_t n, const tf_bf16::SgdScalars& scalars,
                   const tf_bf16::LaneKeys& keys);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16ApplyAdam {
-  void operator()(const Device& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
+  absl::Status operator()(const Device& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
                   const G* grad, int64_t n, const tf_bf16::AdamScalars& scalars,
                   const tf_bf16::LaneKeys& keys);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16ApplyLion {
-  void operator()(const Device& d, S* var, S* m, uint16_t* compensation, const G* grad,
+  absl::Status operator()(const Device& d, S* var, S* m, uint16_t* compensation, const G* grad,
                   int64_t n, const tf_bf16::LionScalars& scalars,
                   const tf_bf16::LaneKeys& keys);
 };
@@ -61,7 +64,7 @@ struct Bf16ApplyLion {
 // later work of the op on that device.
 template <typename Device>
 struct Bf16CopyBytes {
-  void operator()(const Device& d, void* dst, const void* src, int64_t bytes);
+  absl::Status operator()(const Device& d, void* dst, const void* src, int64_t bytes);
 };
 
 // The sparse indices of one call, validated and grouped, in device memory of
@@ -92,14 +95,14 @@ struct Bf16GroupSparseIndices {
 // position k.
 template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16SparseApplySgd {
-  void operator()(const Device& d, S* var, S* accum, uint16_t* compensation,
+  absl::Status operator()(const Device& d, S* var, S* accum, uint16_t* compensation,
                   const G* grad, const SparseIndexGroups& groups, int64_t row_size,
                   const tf_bf16::SgdScalars& scalars, const tf_bf16::LaneKeys& keys);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16SparseApplyAdam {
-  void operator()(const Device& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
+  absl::Status operator()(const Device& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
                   const G* grad, const SparseIndexGroups& groups, int64_t row_size,
                   const tf_bf16::AdamScalars& scalars, const tf_bf16::LaneKeys& keys);
 };
