@@ -111,7 +111,9 @@ __global__ void FillKernel(T* out, int64_t n, uint32_t key, bool positive) {
 template <typename T>
 void FillHost(T* out, int64_t n, uint32_t key, bool positive) {
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) StoreInput(out + i, InputBits(key, static_cast<uint64_t>(i), positive));
+  for (int64_t i = 0; i < n; ++i) {
+    StoreInput(out + i, InputBits(key, static_cast<uint64_t>(i), positive));
+  }
 }
 
 // Sparse indices: mostly uniform over the rows, a quarter in 64 hot rows, so

@@ -58,7 +58,7 @@ void ParallelElements(const CPUDevice& d, int64_t n, double bytes_loaded,
 template <>
 struct Bf16StochasticRound<CPUDevice> {
   absl::Status operator()(const CPUDevice& d, const float* x, uint16_t* y, int64_t n,
-                  const tf_bf16::LaneKeys& keys) {
+                          const tf_bf16::LaneKeys& keys) {
     ParallelElements(d, n, 4, 2, 12, keys,
                      [x, y](int64_t begin, int64_t end, const tf_bf16::LaneKeys& k) {
                        const uint32_t key = k.weight;
@@ -99,7 +99,7 @@ Scalars WithConstantMasks(Scalars p) {
 template <Rounding R, typename S, typename D>
 struct Bf16RoundedAssignAdd<CPUDevice, R, S, D> {
   absl::Status operator()(const CPUDevice& d, S* var, uint16_t* compensation, const D* delta,
-                  int64_t n, const tf_bf16::LaneKeys& keys) {
+                          int64_t n, const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) + (R == Rounding::kKahan ? 2 : 0);
     ParallelElements(d, n, state + sizeof(D), state, 8, keys,
                      [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
@@ -119,8 +119,8 @@ struct Bf16RoundedAssignAdd<CPUDevice, R, S, D> {
 template <Rounding R, typename S, typename G>
 struct Bf16ApplySgd<CPUDevice, R, S, G> {
   absl::Status operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
-                  const G* grad, int64_t n, const tf_bf16::SgdScalars& p,
-                  const tf_bf16::LaneKeys& keys) {
+                          const G* grad, int64_t n, const tf_bf16::SgdScalars& p,
+                          const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) * (accum ? 2 : 1) + (R == Rounding::kKahan ? 2 : 0);
     auto run = [&](auto use_momentum, auto nesterov, auto decay) {
       constexpr bool kUseMomentum = decltype(use_momentum)::value;
@@ -155,9 +155,9 @@ struct Bf16ApplySgd<CPUDevice, R, S, G> {
 
 template <Rounding R, typename S, typename G>
 struct Bf16ApplyAdam<CPUDevice, R, S, G> {
-  absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
-                  const G* grad, int64_t n, const tf_bf16::AdamScalars& p,
-                  const tf_bf16::LaneKeys& keys) {
+  absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat,
+                          uint16_t* compensation, const G* grad, int64_t n,
+                          const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) * (vhat ? 4 : 3) + (R == Rounding::kKahan ? 2 : 0);
     auto run = [&](auto amsgrad, auto decay) {
       constexpr bool kAmsgrad = decltype(amsgrad)::value;
@@ -188,9 +188,9 @@ struct Bf16ApplyAdam<CPUDevice, R, S, G> {
 
 template <Rounding R, typename S, typename G>
 struct Bf16ApplyLion<CPUDevice, R, S, G> {
-  absl::Status operator()(const CPUDevice& d, S* var, S* m, uint16_t* compensation, const G* grad,
-                  int64_t n, const tf_bf16::LionScalars& p,
-                  const tf_bf16::LaneKeys& keys) {
+  absl::Status operator()(const CPUDevice& d, S* var, S* m, uint16_t* compensation,
+                          const G* grad, int64_t n, const tf_bf16::LionScalars& p,
+                          const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) * 2 + (R == Rounding::kKahan ? 2 : 0);
     DispatchBool(p.weight_decay_mask != 0, [&](auto decay) {
       constexpr bool kDecay = decltype(decay)::value;
@@ -254,8 +254,8 @@ void ForRowElements(int64_t first, int64_t row_size, const tf_bf16::LaneKeys& ke
 template <Rounding R, typename S, typename G>
 struct Bf16SparseApplySgd<CPUDevice, R, S, G> {
   absl::Status operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
-                  const G* grad, const SparseIndexGroups& groups, int64_t row_size,
-                  const tf_bf16::SgdScalars& p, const tf_bf16::LaneKeys& keys) {
+                          const G* grad, const SparseIndexGroups& groups, int64_t row_size,
+                          const tf_bf16::SgdScalars& p, const tf_bf16::LaneKeys& keys) {
     auto run = [&](auto use_momentum) {
       constexpr bool kUseMomentum = decltype(use_momentum)::value;
       ParallelRowGroups(d, groups.num_groups, row_size, 3 * sizeof(S), [&](int64_t group) {
@@ -285,9 +285,10 @@ struct Bf16SparseApplySgd<CPUDevice, R, S, G> {
 
 template <Rounding R, typename S, typename G>
 struct Bf16SparseApplyAdam<CPUDevice, R, S, G> {
-  absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
-                  const G* grad, const SparseIndexGroups& groups, int64_t row_size,
-                  const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
+  absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat,
+                          uint16_t* compensation, const G* grad,
+                          const SparseIndexGroups& groups, int64_t row_size,
+                          const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
     auto run = [&](auto amsgrad) {
       constexpr bool kAmsgrad = decltype(amsgrad)::value;
       ParallelRowGroups(d, groups.num_groups, row_size, 4 * sizeof(S), [&](int64_t group) {
@@ -425,8 +426,9 @@ class RoundedAssignAddOp : public OpKernel {
 
     absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      status = functor::Bf16RoundedAssignAdd<Device, decltype(r)::value, typename StorageOf<T>::type,
-                                    typename StorageOf<D>::type>()(
+      status = functor::Bf16RoundedAssignAdd<Device, decltype(r)::value,
+                                             typename StorageOf<T>::type,
+                                             typename StorageOf<D>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")), CompensationPtr(vars),
           StoragePtr<D>(*delta), shape.num_elements(), keys);
     });
@@ -473,7 +475,7 @@ class ApplySgdOp : public OpKernel {
     absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
       status = functor::Bf16ApplySgd<Device, decltype(r)::value, typename StorageOf<T>::type,
-                            typename StorageOf<G>::type>()(
+                                     typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           accum ? StoragePtr<T>(accum) : nullptr, CompensationPtr(vars),
           StoragePtr<G>(*grad), shape.num_elements(), p, keys);
@@ -525,7 +527,7 @@ class ApplyAdamOp : public OpKernel {
     absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
       status = functor::Bf16ApplyAdam<Device, decltype(r)::value, typename StorageOf<T>::type,
-                             typename StorageOf<G>::type>()(
+                                      typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), StoragePtr<T>(vars.Get("v")),
           vhat ? StoragePtr<T>(vhat) : nullptr, CompensationPtr(vars),
@@ -570,7 +572,7 @@ class ApplyLionOp : public OpKernel {
     absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
       status = functor::Bf16ApplyLion<Device, decltype(r)::value, typename StorageOf<T>::type,
-                             typename StorageOf<G>::type>()(
+                                      typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), CompensationPtr(vars), StoragePtr<G>(*grad),
           shape.num_elements(), p, keys);
@@ -627,8 +629,9 @@ class SparseApplySgdOp : public OpKernel {
     Tensor* accum = vars.Get("accum");
     absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      status = functor::Bf16SparseApplySgd<Device, decltype(r)::value, typename StorageOf<T>::type,
-                                  typename StorageOf<G>::type>()(
+      status = functor::Bf16SparseApplySgd<Device, decltype(r)::value,
+                                           typename StorageOf<T>::type,
+                                           typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           accum ? StoragePtr<T>(accum) : nullptr, CompensationPtr(vars),
           StoragePtr<G>(*grad), groups, row_size, p, keys);
@@ -686,8 +689,9 @@ class SparseApplyAdamOp : public OpKernel {
     Tensor* vhat = vars.Get("vhat");
     absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      status = functor::Bf16SparseApplyAdam<Device, decltype(r)::value, typename StorageOf<T>::type,
-                                   typename StorageOf<G>::type>()(
+      status = functor::Bf16SparseApplyAdam<Device, decltype(r)::value,
+                                            typename StorageOf<T>::type,
+                                            typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), StoragePtr<T>(vars.Get("v")),
           vhat ? StoragePtr<T>(vhat) : nullptr, CompensationPtr(vars),
