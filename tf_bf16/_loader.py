@@ -20,12 +20,27 @@ class OpLibraryError(ImportError):
     """The tf_bf16 op library is missing, or was built for another TensorFlow."""
 
 
+def _tensorflow_built_with_cuda():
+    import tensorflow as tf
+
+    return tf.test.is_built_with_cuda()
+
+
 def library_path():
-    """Path of the op library that `load()` will use (None if there is none)."""
+    """Path of the op library that `load()` will use (None if there is none).
+
+    ``TF_BF16_OPS_LIBRARY`` if set; else the GPU library
+    (``_tf_bf16_gpu_ops*.so``: CPU and CUDA kernels) when it was built and this
+    TensorFlow is built with CUDA; else the CPU library (``_tf_bf16_ops*.so``).
+    """
     override = os.environ.get(LIBRARY_ENV_VAR)
     if override:
         return override
     package_dir = os.path.dirname(os.path.abspath(__file__))
+    if _tensorflow_built_with_cuda():
+        found = sorted(glob.glob(os.path.join(package_dir, "_tf_bf16_gpu_ops*.so")))
+        if found:
+            return found[0]
     found = sorted(glob.glob(os.path.join(package_dir, "_tf_bf16_ops*.so")))
     return found[0] if found else None
 

@@ -1,70 +1,36 @@
-// CPU kernels and registration of the tf_bf16 ops (cc/ops/bf16_training_ops.cc).
+// OpKernels and registration of the tf_bf16 ops (cc/ops/bf16_training_ops.cc),
+// and the CPU specializations of their functors (bf16_training_ops.h). The
+// GPU specializations are in bf16_training_ops_gpu.cu.cc; this file
+// registers them when compiled with GOOGLE_CUDA (the GPU library).
 //
 // Every kernel validates all of its inputs before it writes anything, so a
-// bad call leaves the variables untouched. Work is split over TensorFlow's
-// intra-op thread pool; the random bits depend only on (seed, step, var_id,
-// element index), never on how the work was split.
+// bad call leaves the variables untouched. On the CPU, work is split over
+// TensorFlow's intra-op thread pool; the random bits depend only on (seed,
+// step, var_id, element index), never on how the work was split.
 #define EIGEN_USE_THREADS
 
 #include "bf16_training_ops.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
-#include <string>
 #include <vector>
 
+#include "bf16_training_op_helpers.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
-#include "tensorflow/core/framework/resource_mgr.h"
-#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/platform/denormal.h"
-#include "tensorflow/core/platform/mutex.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
 namespace tensorflow {
 
 using CPUDevice = Eigen::ThreadPoolDevice;
+using GPUDevice = Eigen::GpuDevice;
 using tf_bf16::Rounding;
 
-namespace {
-
-template <typename T>
-struct StorageOf {
-  using type = T;
-};
-template <>
-struct StorageOf<bfloat16> {
-  using type = uint16_t;
-};
-
-template <typename T>
-typename StorageOf<T>::type* StoragePtr(Tensor* t) {
-  return reinterpret_cast<typename StorageOf<T>::type*>(t->flat<T>().data());
-}
-template <typename T>
-const typename StorageOf<T>::type* StoragePtr(const Tensor& t) {
-  return reinterpret_cast<const typename StorageOf<T>::type*>(t.flat<T>().data());
-}
-
-absl::Status ParseRounding(OpKernelConstruction* ctx, Rounding* rounding) {
-  std::string name;
-  TF_RETURN_IF_ERROR(ctx->GetAttr("rounding", &name));
-  if (name == "nearest") {
-    *rounding = Rounding::kNearest;
-  } else if (name == "stochastic") {
-    *rounding = Rounding::kStochastic;
-  } else if (name == "kahan") {
-    *rounding = Rounding::kKahan;
-  } else {
-    return errors::InvalidArgument("Unknown rounding '", name,
-                                   "'; use 'nearest', 'stochastic' or 'kahan'.");
-  }
-  return absl::OkStatus();
-}
+namespace functor {
 
 // Runs body(begin, end, lane_keys) over [0, n) on the intra-op pool, cutting
 // blocks at multiples of 2^32 so each block has one set of lane keys.
@@ -73,7 +39,7 @@ absl::Status ParseRounding(OpKernelConstruction* ctx, Rounding* rounding) {
 template <typename Body>
 void ParallelElements(const CPUDevice& d, int64_t n, double bytes_loaded,
                       double bytes_stored, double cycles,
-                      const tf_bf16::StreamKeys& keys, const Body& body) {
+                      const tf_bf16::LaneKeys& keys, const Body& body) {
   if (n <= 0) return;
   auto run = [&keys, &body](Eigen::Index begin, Eigen::Index end) {
     port::ScopedFlushDenormal flush;
@@ -89,15 +55,10 @@ void ParallelElements(const CPUDevice& d, int64_t n, double bytes_loaded,
   d.parallelFor(n, Eigen::TensorOpCost(bytes_loaded, bytes_stored, cycles), run);
 }
 
-}  // namespace
-
-namespace functor {
-
 template <>
 struct Bf16StochasticRound<CPUDevice> {
-  void operator()(const CPUDevice& d, const float* x, uint16_t* y, int64_t n,
-                  uint32_t stream_key) {
-    tf_bf16::StreamKeys keys{stream_key, 0, 0, 0};
+  absl::Status operator()(const CPUDevice& d, const float* x, uint16_t* y, int64_t n,
+                          const tf_bf16::LaneKeys& keys) {
     ParallelElements(d, n, 4, 2, 12, keys,
                      [x, y](int64_t begin, int64_t end, const tf_bf16::LaneKeys& k) {
                        const uint32_t key = k.weight;
@@ -106,6 +67,7 @@ struct Bf16StochasticRound<CPUDevice> {
                              x[i], tf_bf16::RandomBits16(key, static_cast<uint32_t>(i)));
                        }
                      });
+    return absl::OkStatus();
   }
 };
 
@@ -136,8 +98,8 @@ Scalars WithConstantMasks(Scalars p) {
 
 template <Rounding R, typename S, typename D>
 struct Bf16RoundedAssignAdd<CPUDevice, R, S, D> {
-  void operator()(const CPUDevice& d, S* var, uint16_t* compensation, const D* delta,
-                  int64_t n, const tf_bf16::StreamKeys& keys) {
+  absl::Status operator()(const CPUDevice& d, S* var, uint16_t* compensation, const D* delta,
+                          int64_t n, const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) + (R == Rounding::kKahan ? 2 : 0);
     ParallelElements(d, n, state + sizeof(D), state, 8, keys,
                      [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
@@ -150,14 +112,15 @@ struct Bf16RoundedAssignAdd<CPUDevice, R, S, D> {
                          tf_bf16::AssignAddElement<R>(w, c, tf_bf16::Load(dl[i]), i, lo, k);
                        }
                      });
+    return absl::OkStatus();
   }
 };
 
 template <Rounding R, typename S, typename G>
 struct Bf16ApplySgd<CPUDevice, R, S, G> {
-  void operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
-                  const G* grad, int64_t n, const tf_bf16::SgdScalars& p,
-                  const tf_bf16::StreamKeys& keys) {
+  absl::Status operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
+                          const G* grad, int64_t n, const tf_bf16::SgdScalars& p,
+                          const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) * (accum ? 2 : 1) + (R == Rounding::kKahan ? 2 : 0);
     auto run = [&](auto use_momentum, auto nesterov, auto decay) {
       constexpr bool kUseMomentum = decltype(use_momentum)::value;
@@ -186,14 +149,15 @@ struct Bf16ApplySgd<CPUDevice, R, S, G> {
                      [&](auto nesterov) { run(std::true_type(), nesterov, decay); });
       }
     });
+    return absl::OkStatus();
   }
 };
 
 template <Rounding R, typename S, typename G>
 struct Bf16ApplyAdam<CPUDevice, R, S, G> {
-  void operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
-                  const G* grad, int64_t n, const tf_bf16::AdamScalars& p,
-                  const tf_bf16::StreamKeys& keys) {
+  absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat,
+                          uint16_t* compensation, const G* grad, int64_t n,
+                          const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) * (vhat ? 4 : 3) + (R == Rounding::kKahan ? 2 : 0);
     auto run = [&](auto amsgrad, auto decay) {
       constexpr bool kAmsgrad = decltype(amsgrad)::value;
@@ -218,14 +182,15 @@ struct Bf16ApplyAdam<CPUDevice, R, S, G> {
     DispatchBool(vhat != nullptr, [&](auto amsgrad) {
       DispatchBool(p.weight_decay_mask != 0, [&](auto decay) { run(amsgrad, decay); });
     });
+    return absl::OkStatus();
   }
 };
 
 template <Rounding R, typename S, typename G>
 struct Bf16ApplyLion<CPUDevice, R, S, G> {
-  void operator()(const CPUDevice& d, S* var, S* m, uint16_t* compensation, const G* grad,
-                  int64_t n, const tf_bf16::LionScalars& p,
-                  const tf_bf16::StreamKeys& keys) {
+  absl::Status operator()(const CPUDevice& d, S* var, S* m, uint16_t* compensation,
+                          const G* grad, int64_t n, const tf_bf16::LionScalars& p,
+                          const tf_bf16::LaneKeys& keys) {
     const double state = sizeof(S) * 2 + (R == Rounding::kKahan ? 2 : 0);
     DispatchBool(p.weight_decay_mask != 0, [&](auto decay) {
       constexpr bool kDecay = decltype(decay)::value;
@@ -244,6 +209,7 @@ struct Bf16ApplyLion<CPUDevice, R, S, G> {
                          }
                        });
     });
+    return absl::OkStatus();
   }
 };
 
@@ -269,7 +235,7 @@ void ParallelRowGroups(const CPUDevice& d, int64_t num_groups, int64_t row_size,
 // the lane keys of i's 2^32-element block (computed once per row unless the
 // row straddles a block boundary).
 template <typename Element>
-void ForRowElements(int64_t first, int64_t row_size, const tf_bf16::StreamKeys& keys,
+void ForRowElements(int64_t first, int64_t row_size, const tf_bf16::LaneKeys& keys,
                     const Element& element) {
   if (row_size <= 0) return;
   const uint64_t high_first = static_cast<uint64_t>(first) >> 32;
@@ -285,20 +251,21 @@ void ForRowElements(int64_t first, int64_t row_size, const tf_bf16::StreamKeys& 
   }
 }
 
-template <Rounding R, typename S, typename G, typename Index>
-struct Bf16SparseApplySgd<CPUDevice, R, S, G, Index> {
-  void operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
-                  const G* grad, const Index* indices, const int64_t* order,
-                  const int64_t* group_starts, int64_t num_groups, int64_t row_size,
-                  const tf_bf16::SgdScalars& p, const tf_bf16::StreamKeys& keys) {
+template <Rounding R, typename S, typename G>
+struct Bf16SparseApplySgd<CPUDevice, R, S, G> {
+  absl::Status operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
+                          const G* grad, const SparseIndexGroups& groups, int64_t row_size,
+                          const tf_bf16::SgdScalars& p, const tf_bf16::LaneKeys& keys) {
     auto run = [&](auto use_momentum) {
       constexpr bool kUseMomentum = decltype(use_momentum)::value;
-      ParallelRowGroups(d, num_groups, row_size, 3 * sizeof(S), [&](int64_t group) {
+      ParallelRowGroups(d, groups.num_groups, row_size, 3 * sizeof(S), [&](int64_t group) {
         const tf_bf16::SgdScalars sp = p;
-        for (int64_t pos = group_starts[group]; pos < group_starts[group + 1]; ++pos) {
-          const int64_t k = order[pos];
+        const int64_t first = groups.group_rows[group] * row_size;
+        for (int64_t pos = groups.group_starts[group]; pos < groups.group_starts[group + 1];
+             ++pos) {
+          const int64_t k = groups.order[pos];
           const G* g = grad + k * row_size;
-          ForRowElements(static_cast<int64_t>(indices[k]) * row_size, row_size, keys,
+          ForRowElements(first, row_size, keys,
                          [&](int64_t i, int64_t j, const tf_bf16::LaneKeys& lane_keys) {
                            tf_bf16::SgdElement<R, kUseMomentum>(
                                var, accum, compensation, tf_bf16::Load(g[j]), i,
@@ -312,23 +279,26 @@ struct Bf16SparseApplySgd<CPUDevice, R, S, G, Index> {
     } else {
       run(std::false_type());
     }
+    return absl::OkStatus();
   }
 };
 
-template <Rounding R, typename S, typename G, typename Index>
-struct Bf16SparseApplyAdam<CPUDevice, R, S, G, Index> {
-  void operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
-                  const G* grad, const Index* indices, const int64_t* order,
-                  const int64_t* group_starts, int64_t num_groups, int64_t row_size,
-                  const tf_bf16::AdamScalars& p, const tf_bf16::StreamKeys& keys) {
+template <Rounding R, typename S, typename G>
+struct Bf16SparseApplyAdam<CPUDevice, R, S, G> {
+  absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat,
+                          uint16_t* compensation, const G* grad,
+                          const SparseIndexGroups& groups, int64_t row_size,
+                          const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
     auto run = [&](auto amsgrad) {
       constexpr bool kAmsgrad = decltype(amsgrad)::value;
-      ParallelRowGroups(d, num_groups, row_size, 4 * sizeof(S), [&](int64_t group) {
+      ParallelRowGroups(d, groups.num_groups, row_size, 4 * sizeof(S), [&](int64_t group) {
         const tf_bf16::AdamScalars sp = p;
-        for (int64_t pos = group_starts[group]; pos < group_starts[group + 1]; ++pos) {
-          const int64_t k = order[pos];
+        const int64_t first = groups.group_rows[group] * row_size;
+        for (int64_t pos = groups.group_starts[group]; pos < groups.group_starts[group + 1];
+             ++pos) {
+          const int64_t k = groups.order[pos];
           const G* g = grad + k * row_size;
-          ForRowElements(static_cast<int64_t>(indices[k]) * row_size, row_size, keys,
+          ForRowElements(first, row_size, keys,
                          [&](int64_t i, int64_t j, const tf_bf16::LaneKeys& lane_keys) {
                            tf_bf16::AdamElement<R, kAmsgrad>(var, m, v, vhat, compensation,
                                                              tf_bf16::Load(g[j]), i,
@@ -343,6 +313,52 @@ struct Bf16SparseApplyAdam<CPUDevice, R, S, G, Index> {
     } else {
       run(std::false_type());
     }
+    return absl::OkStatus();
+  }
+};
+
+template <>
+struct Bf16CopyBytes<CPUDevice> {
+  absl::Status operator()(const CPUDevice& d, void* dst, const void* src, int64_t bytes) {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+    return absl::OkStatus();
+  }
+};
+
+// Sparse indices: checked against the row count, then grouped so duplicates
+// are applied in order while distinct rows run in parallel. One int64 host
+// tensor holds order (n), group_starts (up to n + 1) and group_rows (up to n).
+template <typename Index>
+struct Bf16GroupSparseIndices<CPUDevice, Index> {
+  absl::Status operator()(OpKernelContext* ctx, const Tensor& indices, int64_t rows,
+                          SparseIndexGroups* groups) {
+    const auto idx = indices.vec<Index>();
+    const int64_t n = idx.size();
+    for (int64_t k = 0; k < n; ++k) {
+      if (idx(k) < 0 || static_cast<int64_t>(idx(k)) >= rows) {
+        return bf16_ops::BadIndexError(k, static_cast<int64_t>(idx(k)), rows);
+      }
+    }
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(DT_INT64, TensorShape({3 * n + 1}),
+                                          &groups->storage));
+    int64_t* order = groups->storage.flat<int64_t>().data();
+    int64_t* starts = order + n;
+    int64_t* group_rows = starts + n + 1;
+    std::iota(order, order + n, 0);
+    std::stable_sort(order, order + n, [&idx](int64_t a, int64_t b) { return idx(a) < idx(b); });
+    int64_t num_groups = 0;
+    for (int64_t p = 0; p < n; ++p) {
+      if (p == 0 || idx(order[p]) != idx(order[p - 1])) {
+        group_rows[num_groups] = static_cast<int64_t>(idx(order[p]));
+        starts[num_groups++] = p;
+      }
+    }
+    starts[num_groups] = n;
+    groups->order = order;
+    groups->group_starts = starts;
+    groups->group_rows = group_rows;
+    groups->num_groups = num_groups;
+    return absl::OkStatus();
   }
 };
 
@@ -350,272 +366,40 @@ struct Bf16SparseApplyAdam<CPUDevice, R, S, G, Index> {
 
 namespace {
 
-// ---------------------------------------------------------------------------
-// Input validation. Errors name the op input and, where known, the variable.
-
-std::string Describe(const char* input, const ResourceHandle& handle) {
-  return absl::StrCat("input '", input, "' (variable '", handle.name(), "')");
-}
-
-absl::Status ReadFiniteScalar(OpKernelContext* ctx, const char* name, float* value,
-                              bool non_negative = false) {
-  const Tensor* t;
-  TF_RETURN_IF_ERROR(ctx->input(name, &t));
-  if (!TensorShapeUtils::IsScalar(t->shape())) {
-    return errors::InvalidArgument("Input '", name, "' must be a scalar, got shape ",
-                                   t->shape().DebugString(), ".");
-  }
-  *value = t->scalar<float>()();
-  if (!std::isfinite(*value) || (non_negative && *value < 0.0f)) {
-    return errors::InvalidArgument(
-        "Input '", name, "' must be a finite", non_negative ? ", non-negative" : "",
-        " number, got ", *value,
-        ". Check the optimizer's hyperparameters and learning-rate schedule; the "
-        "variables were not updated.");
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ReadInt64Scalar(OpKernelContext* ctx, const char* name, int64_t* value) {
-  const Tensor* t;
-  TF_RETURN_IF_ERROR(ctx->input(name, &t));
-  if (!TensorShapeUtils::IsScalar(t->shape())) {
-    return errors::InvalidArgument("Input '", name, "' must be a scalar, got shape ",
-                                   t->shape().DebugString(), ".");
-  }
-  *value = t->scalar<int64_t>()();
-  return absl::OkStatus();
-}
-
-struct RandomStream {
-  int64_t seed, step, var_id;
-};
-
-absl::Status ReadRandomStream(OpKernelContext* ctx, RandomStream* stream) {
-  TF_RETURN_IF_ERROR(ReadInt64Scalar(ctx, "seed", &stream->seed));
-  TF_RETURN_IF_ERROR(ReadInt64Scalar(ctx, "step", &stream->step));
-  return ReadInt64Scalar(ctx, "var_id", &stream->var_id);
-}
-
-// The resource variables one op updates, looked up, locked in a global order
-// (so that concurrent ops on overlapping variables cannot deadlock) and
-// checked, all before anything is written.
-class LockedVariables {
- public:
-  struct Entry {
-    const char* input;
-    ResourceHandle handle;
-    core::RefCountPtr<Var> var;
-  };
-
-  // Looks up every resource in input (list) `name`. Returns the number found.
-  absl::Status Add(OpKernelContext* ctx, const char* name, int* count = nullptr) {
-    int start, stop;
-    TF_RETURN_IF_ERROR(ctx->op_kernel().InputRange(name, &start, &stop));
-    for (int i = start; i < stop; ++i) {
-      const ResourceHandle& handle = HandleFromInput(ctx, i);
-      core::RefCountPtr<Var> var;
-      absl::Status s = LookupResource(ctx, handle, &var);
-      if (!s.ok()) {
-        return errors::InvalidArgument(
-            "Could not find ", Describe(name, handle),
-            ": it was never initialized or has been deleted. Initialize the variable "
-            "(e.g. build the model and optimizer) before updating it. ",
-            s.message());
-      }
-      entries_.push_back(Entry{name, handle, std::move(var)});
-    }
-    if (count) *count = stop - start;
-    return absl::OkStatus();
-  }
-
-  void LockAll() {
-    std::vector<mutex*> mus;
-    for (auto& e : entries_) mus.push_back(e.var->mu());
-    std::sort(mus.begin(), mus.end());
-    mus.erase(std::unique(mus.begin(), mus.end()), mus.end());
-    for (mutex* mu : mus) locks_.emplace_back(*mu);
-  }
-
-  // Checks dtype and shape of every entry of input `name` (var's shape by
-  // default). Must be called with the locks held.
-  absl::Status Check(const char* name, DataType dtype, const TensorShape* shape) const {
-    for (const auto& e : entries_) {
-      if (std::strcmp(e.input, name) != 0) continue;
-      const Tensor* t = e.var->tensor();
-      if (!e.var->is_initialized || !t->IsInitialized()) {
-        return errors::InvalidArgument(Describe(name, e.handle),
-                                       " is not initialized; assign it a value first. "
-                                       "Nothing was updated.");
-      }
-      if (t->dtype() != dtype) {
-        return errors::InvalidArgument(
-            Describe(name, e.handle), " has dtype ", DataTypeString(t->dtype()),
-            " but ", DataTypeString(dtype),
-            " was expected. tf_bf16 updates bfloat16 and float32 variables; optimizer "
-            "slots and Kahan compensation buffers must match (compensation: bfloat16). "
-            "Nothing was updated.");
-      }
-      if (shape && t->shape() != *shape) {
-        return errors::InvalidArgument(Describe(name, e.handle), " has shape ",
-                                       t->shape().DebugString(), " but ",
-                                       shape->DebugString(),
-                                       " was expected (the shape of 'var'). Nothing was "
-                                       "updated.");
-      }
-    }
-    return absl::OkStatus();
-  }
-
-  // After all checks pass: a variable whose buffer is shared with a tensor
-  // that was read from it earlier gets its own copy first, so in-place writes
-  // never change a value somebody else holds (as TensorFlow's own training
-  // ops do).
-  absl::Status PrepareForInPlaceUpdate(OpKernelContext* ctx) {
-    for (auto& e : entries_) {
-      Tensor* t = e.var->tensor();
-      if (t->RefCountIsOne()) continue;
-      Tensor copy;
-      AllocatorAttributes attr;
-      attr.set_gpu_compatible(true);
-      attr.set_nic_compatible(true);
-      TF_RETURN_IF_ERROR(ctx->allocate_temp(t->dtype(), t->shape(), &copy, attr));
-      std::memcpy(copy.data(), t->data(), t->TotalBytes());
-      *t = copy;
-    }
-    return absl::OkStatus();
-  }
-
-  Tensor* Get(const char* name, int k = 0) {
-    for (auto& e : entries_) {
-      if (std::strcmp(e.input, name) == 0 && k-- == 0) return e.var->tensor();
-    }
-    return nullptr;
-  }
-
-  const ResourceHandle& Handle(const char* name) const {
-    for (const auto& e : entries_) {
-      if (std::strcmp(e.input, name) == 0) return e.handle;
-    }
-    return entries_.front().handle;
-  }
-
- private:
-  std::vector<Entry> entries_;
-  std::vector<mutex_lock> locks_;
-};
-
-absl::Status CheckCompensationCount(Rounding rounding, DataType dtype, int count) {
-  if (rounding == Rounding::kKahan && dtype == DT_BFLOAT16 && count != 1) {
-    return errors::InvalidArgument(
-        "rounding='kahan' on a bfloat16 variable needs exactly one compensation "
-        "variable (bfloat16, the variable's shape, initialized to zeros); got ",
-        count, ".");
-  }
-  if ((rounding != Rounding::kKahan || dtype != DT_BFLOAT16) && count != 0) {
-    return errors::InvalidArgument(
-        "A compensation variable is only used with rounding='kahan' on a bfloat16 "
-        "variable; got ",
-        count, " with this rounding and dtype ", DataTypeString(dtype),
-        ". Remove it, or use rounding='kahan'.");
-  }
-  return absl::OkStatus();
-}
-
-absl::Status CheckGradient(const Tensor& grad, const TensorShape& expected,
-                           const char* name = "grad") {
-  if (grad.shape() != expected) {
-    return errors::InvalidArgument("Input '", name, "' has shape ",
-                                   grad.shape().DebugString(), " but ",
-                                   expected.DebugString(),
-                                   " was expected (the shape of 'var'). Nothing was "
-                                   "updated.");
-  }
-  return absl::OkStatus();
-}
-
-uint16_t* CompensationPtr(LockedVariables& vars) {
-  Tensor* c = vars.Get("compensation");
-  return c ? StoragePtr<bfloat16>(c) : nullptr;
-}
-
-// Calls fn with the rounding as a compile-time constant.
-template <typename Fn>
-void DispatchRounding(Rounding rounding, const Fn& fn) {
-  switch (rounding) {
-    case Rounding::kNearest:
-      fn(std::integral_constant<Rounding, Rounding::kNearest>());
-      break;
-    case Rounding::kStochastic:
-      fn(std::integral_constant<Rounding, Rounding::kStochastic>());
-      break;
-    case Rounding::kKahan:
-      fn(std::integral_constant<Rounding, Rounding::kKahan>());
-      break;
-  }
-}
-
-// Sparse indices: checked against the row count, then grouped so duplicates
-// are applied in order while distinct rows run in parallel.
-template <typename Index>
-absl::Status GroupIndices(const Tensor& indices, int64_t rows, std::vector<int64_t>* order,
-                          std::vector<int64_t>* group_starts) {
-  if (!TensorShapeUtils::IsVector(indices.shape())) {
-    return errors::InvalidArgument("Input 'indices' must be a vector, got shape ",
-                                   indices.shape().DebugString(), ".");
-  }
-  const auto idx = indices.vec<Index>();
-  const int64_t n = idx.size();
-  for (int64_t k = 0; k < n; ++k) {
-    if (idx(k) < 0 || static_cast<int64_t>(idx(k)) >= rows) {
-      return errors::InvalidArgument("Input 'indices'[", k, "] = ", idx(k),
-                                     " is not in [0, ", rows,
-                                     "), the rows of 'var'. Nothing was updated.");
-    }
-  }
-  order->resize(n);
-  std::iota(order->begin(), order->end(), 0);
-  std::stable_sort(order->begin(), order->end(),
-                   [&idx](int64_t a, int64_t b) { return idx(a) < idx(b); });
-  group_starts->clear();
-  for (int64_t p = 0; p < n; ++p) {
-    if (p == 0 || idx((*order)[p]) != idx((*order)[p - 1])) group_starts->push_back(p);
-  }
-  group_starts->push_back(n);
-  return absl::OkStatus();
-}
-
-absl::Status CheckSparseGradient(const Tensor& grad, const Tensor& indices,
-                                 const TensorShape& var_shape) {
-  if (var_shape.dims() < 1) {
-    return errors::InvalidArgument("Sparse updates need 'var' of rank >= 1, got shape ",
-                                   var_shape.DebugString(), ".");
-  }
-  TensorShape expected = var_shape;
-  expected.set_dim(0, indices.NumElements());
-  return CheckGradient(grad, expected);
-}
+using bf16_ops::CheckCompensationCount;
+using bf16_ops::CheckGradient;
+using bf16_ops::CheckSparseShapes;
+using bf16_ops::CompensationPtr;
+using bf16_ops::DispatchRounding;
+using bf16_ops::LockedVariables;
+using bf16_ops::ParseRounding;
+using bf16_ops::ReadStreamKeys;
+using bf16_ops::StorageOf;
+using bf16_ops::StoragePtr;
 
 // ---------------------------------------------------------------------------
+// OpKernels, one template per op for every device. Scalars (hyperparameters,
+// seed, step, var_id) are .HostMemory inputs on every device; variables,
+// gradients and indices stay on the op's device.
 
+template <typename Device>
 class StochasticRoundOp : public OpKernel {
  public:
   explicit StochasticRoundOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    RandomStream stream;
-    OP_REQUIRES_OK(ctx, ReadRandomStream(ctx, &stream));
+    tf_bf16::LaneKeys keys;
+    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
     const Tensor& x = ctx->input(0);
     Tensor* y;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
-    functor::Bf16StochasticRound<CPUDevice>()(
-        ctx->eigen_cpu_device(), x.flat<float>().data(), StoragePtr<bfloat16>(y),
-        x.NumElements(),
-        tf_bf16::StreamKey(stream.seed, stream.step, stream.var_id, tf_bf16::kWeightLane));
+    OP_REQUIRES_OK(ctx, functor::Bf16StochasticRound<Device>()(
+                            ctx->eigen_device<Device>(), x.flat<float>().data(),
+                            StoragePtr<bfloat16>(y), x.NumElements(), keys));
   }
 };
 
-template <typename T, typename D>
+template <typename Device, typename T, typename D>
 class RoundedAssignAddOp : public OpKernel {
  public:
   explicit RoundedAssignAddOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -623,8 +407,8 @@ class RoundedAssignAddOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    RandomStream stream;
-    OP_REQUIRES_OK(ctx, ReadRandomStream(ctx, &stream));
+    tf_bf16::LaneKeys keys;
+    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
     const DataType dtype = DataTypeToEnum<T>::v();
     LockedVariables vars;
     int num_compensation;
@@ -638,67 +422,24 @@ class RoundedAssignAddOp : public OpKernel {
     const Tensor* delta;
     OP_REQUIRES_OK(ctx, ctx->input("delta", &delta));
     OP_REQUIRES_OK(ctx, CheckGradient(*delta, shape, "delta"));
-    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate(ctx));
+    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
 
-    const auto keys = tf_bf16::MakeStreamKeys(stream.seed, stream.step, stream.var_id);
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16RoundedAssignAdd<CPUDevice, decltype(r)::value,
-                                    typename StorageOf<T>::type,
-                                    typename StorageOf<D>::type>()(
-          ctx->eigen_cpu_device(), StoragePtr<T>(vars.Get("var")),
-          CompensationPtr(vars), StoragePtr<D>(*delta), shape.num_elements(), keys);
+      status = functor::Bf16RoundedAssignAdd<Device, decltype(r)::value,
+                                             typename StorageOf<T>::type,
+                                             typename StorageOf<D>::type>()(
+          ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")), CompensationPtr(vars),
+          StoragePtr<D>(*delta), shape.num_elements(), keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
   Rounding rounding_;
 };
 
-absl::Status ReadSgdScalars(OpKernelContext* ctx, bool use_momentum, bool use_nesterov,
-                            tf_bf16::SgdScalars* p) {
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "lr", &p->lr, /*non_negative=*/true));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "momentum", &p->momentum));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "weight_decay", &p->weight_decay));
-  p->use_momentum = use_momentum;
-  p->nesterov_mask = tf_bf16::MaskOf(use_nesterov);
-  p->weight_decay_mask = tf_bf16::MaskOf(p->weight_decay != 0.0f);
-  if (use_nesterov && !use_momentum) {
-    return errors::InvalidArgument(
-        "use_nesterov=True needs a momentum accumulator ('accum').");
-  }
-  return absl::OkStatus();
-}
-
-absl::Status ReadAdamScalars(OpKernelContext* ctx, bool amsgrad, tf_bf16::AdamScalars* p) {
-  float beta1_power, beta2_power, beta1, beta2;
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta1_power", &beta1_power));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta2_power", &beta2_power));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "lr", &p->lr, /*non_negative=*/true));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta1", &beta1));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta2", &beta2));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "epsilon", &p->epsilon, /*non_negative=*/true));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "weight_decay", &p->weight_decay));
-  if (!(beta1 >= 0.0f && beta1 < 1.0f) || !(beta2 >= 0.0f && beta2 < 1.0f)) {
-    return errors::InvalidArgument(
-        "Inputs 'beta1' and 'beta2' must be in [0, 1), got ", beta1, " and ", beta2,
-        " (beta 1 never updates the moment; beta > 1 diverges). The variables were not "
-        "updated.");
-  }
-  if (beta1_power == 1.0f) {
-    return errors::InvalidArgument(
-        "Input 'beta1_power' is 1, which divides the bias correction by zero; pass "
-        "beta_1 ** (step + 1) with beta_1 < 1.");
-  }
-  // Scalar math in float32, in the order of tf.raw_ops.ResourceApplyAdam.
-  p->alpha = p->lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power);
-  p->one_minus_beta1 = 1.0f - beta1;
-  p->one_minus_beta2 = 1.0f - beta2;
-  p->weight_decay_mask = tf_bf16::MaskOf(p->weight_decay != 0.0f);
-  p->amsgrad = amsgrad;
-  return absl::OkStatus();
-}
-
-template <typename T, typename G>
+template <typename Device, typename T, typename G>
 class ApplySgdOp : public OpKernel {
  public:
   explicit ApplySgdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -708,8 +449,8 @@ class ApplySgdOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    RandomStream stream;
-    OP_REQUIRES_OK(ctx, ReadRandomStream(ctx, &stream));
+    tf_bf16::LaneKeys keys;
+    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
     LockedVariables vars;
     int num_accum, num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -719,7 +460,7 @@ class ApplySgdOp : public OpKernel {
                 errors::InvalidArgument("At most one 'accum' variable, got ", num_accum));
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::SgdScalars p;
-    OP_REQUIRES_OK(ctx, ReadSgdScalars(ctx, num_accum == 1, use_nesterov_, &p));
+    OP_REQUIRES_OK(ctx, bf16_ops::ReadSgdScalars(ctx, num_accum == 1, use_nesterov_, &p));
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -728,17 +469,18 @@ class ApplySgdOp : public OpKernel {
     const Tensor* grad;
     OP_REQUIRES_OK(ctx, ctx->input("grad", &grad));
     OP_REQUIRES_OK(ctx, CheckGradient(*grad, shape));
-    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate(ctx));
+    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
 
     Tensor* accum = vars.Get("accum");
-    const auto keys = tf_bf16::MakeStreamKeys(stream.seed, stream.step, stream.var_id);
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16ApplySgd<CPUDevice, decltype(r)::value, typename StorageOf<T>::type,
-                            typename StorageOf<G>::type>()(
-          ctx->eigen_cpu_device(), StoragePtr<T>(vars.Get("var")),
+      status = functor::Bf16ApplySgd<Device, decltype(r)::value, typename StorageOf<T>::type,
+                                     typename StorageOf<G>::type>()(
+          ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           accum ? StoragePtr<T>(accum) : nullptr, CompensationPtr(vars),
           StoragePtr<G>(*grad), shape.num_elements(), p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
@@ -746,7 +488,7 @@ class ApplySgdOp : public OpKernel {
   bool use_nesterov_;
 };
 
-template <typename T, typename G>
+template <typename Device, typename T, typename G>
 class ApplyAdamOp : public OpKernel {
  public:
   explicit ApplyAdamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -755,8 +497,8 @@ class ApplyAdamOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    RandomStream stream;
-    OP_REQUIRES_OK(ctx, ReadRandomStream(ctx, &stream));
+    tf_bf16::LaneKeys keys;
+    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
     LockedVariables vars;
     int num_vhat, num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -768,7 +510,7 @@ class ApplyAdamOp : public OpKernel {
                 errors::InvalidArgument("At most one 'vhat' variable, got ", num_vhat));
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::AdamScalars p;
-    OP_REQUIRES_OK(ctx, ReadAdamScalars(ctx, num_vhat == 1, &p));
+    OP_REQUIRES_OK(ctx, bf16_ops::ReadAdamScalars(ctx, &p));
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -779,25 +521,26 @@ class ApplyAdamOp : public OpKernel {
     const Tensor* grad;
     OP_REQUIRES_OK(ctx, ctx->input("grad", &grad));
     OP_REQUIRES_OK(ctx, CheckGradient(*grad, shape));
-    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate(ctx));
+    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
 
     Tensor* vhat = vars.Get("vhat");
-    const auto keys = tf_bf16::MakeStreamKeys(stream.seed, stream.step, stream.var_id);
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16ApplyAdam<CPUDevice, decltype(r)::value, typename StorageOf<T>::type,
-                             typename StorageOf<G>::type>()(
-          ctx->eigen_cpu_device(), StoragePtr<T>(vars.Get("var")),
+      status = functor::Bf16ApplyAdam<Device, decltype(r)::value, typename StorageOf<T>::type,
+                                      typename StorageOf<G>::type>()(
+          ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), StoragePtr<T>(vars.Get("v")),
           vhat ? StoragePtr<T>(vhat) : nullptr, CompensationPtr(vars),
           StoragePtr<G>(*grad), shape.num_elements(), p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
   Rounding rounding_;
 };
 
-template <typename T, typename G>
+template <typename Device, typename T, typename G>
 class ApplyLionOp : public OpKernel {
  public:
   explicit ApplyLionOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -806,8 +549,8 @@ class ApplyLionOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    RandomStream stream;
-    OP_REQUIRES_OK(ctx, ReadRandomStream(ctx, &stream));
+    tf_bf16::LaneKeys keys;
+    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
     LockedVariables vars;
     int num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -815,17 +558,7 @@ class ApplyLionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "compensation", &num_compensation));
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::LionScalars p;
-    OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "lr", &p.lr, /*non_negative=*/true));
-    OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "beta1", &p.beta1));
-    OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "beta2", &p.beta2));
-    OP_REQUIRES_OK(ctx, ReadFiniteScalar(ctx, "weight_decay", &p.weight_decay));
-    OP_REQUIRES(ctx, p.beta1 >= 0.0f && p.beta1 <= 1.0f && p.beta2 >= 0.0f && p.beta2 <= 1.0f,
-                errors::InvalidArgument("Inputs 'beta1' and 'beta2' must be in [0, 1], got ",
-                                        p.beta1, " and ", p.beta2,
-                                        ". The variables were not updated."));
-    p.one_minus_beta1 = 1.0f - p.beta1;
-    p.one_minus_beta2 = 1.0f - p.beta2;
-    p.weight_decay_mask = tf_bf16::MaskOf(p.weight_decay != 0.0f);
+    OP_REQUIRES_OK(ctx, bf16_ops::ReadLionScalars(ctx, &p));
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -834,23 +567,27 @@ class ApplyLionOp : public OpKernel {
     const Tensor* grad;
     OP_REQUIRES_OK(ctx, ctx->input("grad", &grad));
     OP_REQUIRES_OK(ctx, CheckGradient(*grad, shape));
-    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate(ctx));
+    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
 
-    const auto keys = tf_bf16::MakeStreamKeys(stream.seed, stream.step, stream.var_id);
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16ApplyLion<CPUDevice, decltype(r)::value, typename StorageOf<T>::type,
-                             typename StorageOf<G>::type>()(
-          ctx->eigen_cpu_device(), StoragePtr<T>(vars.Get("var")),
+      status = functor::Bf16ApplyLion<Device, decltype(r)::value, typename StorageOf<T>::type,
+                                      typename StorageOf<G>::type>()(
+          ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), CompensationPtr(vars), StoragePtr<G>(*grad),
           shape.num_elements(), p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
   Rounding rounding_;
 };
 
-template <typename T, typename G, typename Index>
+// Sparse updates: shapes are checked on the host, index values on the device
+// that holds them (functor::Bf16GroupSparseIndices), both before the copy-on-
+// write and the update.
+template <typename Device, typename T, typename G, typename Index>
 class SparseApplySgdOp : public OpKernel {
  public:
   explicit SparseApplySgdOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -860,8 +597,8 @@ class SparseApplySgdOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    RandomStream stream;
-    OP_REQUIRES_OK(ctx, ReadRandomStream(ctx, &stream));
+    tf_bf16::LaneKeys keys;
+    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
     LockedVariables vars;
     int num_accum, num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -871,7 +608,7 @@ class SparseApplySgdOp : public OpKernel {
                 errors::InvalidArgument("At most one 'accum' variable, got ", num_accum));
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::SgdScalars p;
-    OP_REQUIRES_OK(ctx, ReadSgdScalars(ctx, num_accum == 1, use_nesterov_, &p));
+    OP_REQUIRES_OK(ctx, bf16_ops::ReadSgdScalars(ctx, num_accum == 1, use_nesterov_, &p));
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -881,27 +618,25 @@ class SparseApplySgdOp : public OpKernel {
     const Tensor* indices;
     OP_REQUIRES_OK(ctx, ctx->input("grad", &grad));
     OP_REQUIRES_OK(ctx, ctx->input("indices", &indices));
-    std::vector<int64_t> order, group_starts;
-    OP_REQUIRES_OK(ctx, shape.dims() >= 1 ? GroupIndices<Index>(*indices, shape.dim_size(0),
-                                                                 &order, &group_starts)
-                                          : absl::OkStatus());
-    OP_REQUIRES_OK(ctx, CheckSparseGradient(*grad, *indices, shape));
-    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate(ctx));
-
+    OP_REQUIRES_OK(ctx, CheckSparseShapes(*grad, *indices, shape));
     const int64_t rows = shape.dim_size(0);
+    functor::SparseIndexGroups groups;
+    OP_REQUIRES_OK(ctx, functor::Bf16GroupSparseIndices<Device, Index>()(ctx, *indices, rows,
+                                                                         &groups));
+    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
+
     const int64_t row_size = rows == 0 ? 0 : shape.num_elements() / rows;
     Tensor* accum = vars.Get("accum");
-    const auto keys = tf_bf16::MakeStreamKeys(stream.seed, stream.step, stream.var_id);
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16SparseApplySgd<CPUDevice, decltype(r)::value,
-                                  typename StorageOf<T>::type, typename StorageOf<G>::type,
-                                  Index>()(
-          ctx->eigen_cpu_device(), StoragePtr<T>(vars.Get("var")),
+      status = functor::Bf16SparseApplySgd<Device, decltype(r)::value,
+                                           typename StorageOf<T>::type,
+                                           typename StorageOf<G>::type>()(
+          ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           accum ? StoragePtr<T>(accum) : nullptr, CompensationPtr(vars),
-          StoragePtr<G>(*grad), indices->flat<Index>().data(), order.data(),
-          group_starts.data(), static_cast<int64_t>(group_starts.size()) - 1, row_size, p,
-          keys);
+          StoragePtr<G>(*grad), groups, row_size, p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
@@ -909,7 +644,7 @@ class SparseApplySgdOp : public OpKernel {
   bool use_nesterov_;
 };
 
-template <typename T, typename G, typename Index>
+template <typename Device, typename T, typename G, typename Index>
 class SparseApplyAdamOp : public OpKernel {
  public:
   explicit SparseApplyAdamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -918,8 +653,8 @@ class SparseApplyAdamOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    RandomStream stream;
-    OP_REQUIRES_OK(ctx, ReadRandomStream(ctx, &stream));
+    tf_bf16::LaneKeys keys;
+    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
     LockedVariables vars;
     int num_vhat, num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -931,7 +666,7 @@ class SparseApplyAdamOp : public OpKernel {
                 errors::InvalidArgument("At most one 'vhat' variable, got ", num_vhat));
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::AdamScalars p;
-    OP_REQUIRES_OK(ctx, ReadAdamScalars(ctx, num_vhat == 1, &p));
+    OP_REQUIRES_OK(ctx, bf16_ops::ReadAdamScalars(ctx, &p));
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -943,28 +678,26 @@ class SparseApplyAdamOp : public OpKernel {
     const Tensor* indices;
     OP_REQUIRES_OK(ctx, ctx->input("grad", &grad));
     OP_REQUIRES_OK(ctx, ctx->input("indices", &indices));
-    std::vector<int64_t> order, group_starts;
-    OP_REQUIRES_OK(ctx, shape.dims() >= 1 ? GroupIndices<Index>(*indices, shape.dim_size(0),
-                                                                 &order, &group_starts)
-                                          : absl::OkStatus());
-    OP_REQUIRES_OK(ctx, CheckSparseGradient(*grad, *indices, shape));
-    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate(ctx));
-
+    OP_REQUIRES_OK(ctx, CheckSparseShapes(*grad, *indices, shape));
     const int64_t rows = shape.dim_size(0);
+    functor::SparseIndexGroups groups;
+    OP_REQUIRES_OK(ctx, functor::Bf16GroupSparseIndices<Device, Index>()(ctx, *indices, rows,
+                                                                         &groups));
+    OP_REQUIRES_OK(ctx, vars.PrepareForInPlaceUpdate<Device>(ctx));
+
     const int64_t row_size = rows == 0 ? 0 : shape.num_elements() / rows;
     Tensor* vhat = vars.Get("vhat");
-    const auto keys = tf_bf16::MakeStreamKeys(stream.seed, stream.step, stream.var_id);
+    absl::Status status;
     DispatchRounding(rounding_, [&](auto r) {
-      functor::Bf16SparseApplyAdam<CPUDevice, decltype(r)::value,
-                                   typename StorageOf<T>::type, typename StorageOf<G>::type,
-                                   Index>()(
-          ctx->eigen_cpu_device(), StoragePtr<T>(vars.Get("var")),
+      status = functor::Bf16SparseApplyAdam<Device, decltype(r)::value,
+                                            typename StorageOf<T>::type,
+                                            typename StorageOf<G>::type>()(
+          ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), StoragePtr<T>(vars.Get("v")),
           vhat ? StoragePtr<T>(vhat) : nullptr, CompensationPtr(vars),
-          StoragePtr<G>(*grad), indices->flat<Index>().data(), order.data(),
-          group_starts.data(), static_cast<int64_t>(group_starts.size()) - 1, row_size, p,
-          keys);
+          StoragePtr<G>(*grad), groups, row_size, p, keys);
     });
+    OP_REQUIRES_OK(ctx, status);
   }
 
  private:
@@ -973,57 +706,171 @@ class SparseApplyAdamOp : public OpKernel {
 
 }  // namespace
 
-REGISTER_KERNEL_BUILDER(Name("TfBf16>StochasticRound").Device(DEVICE_CPU),
-                        StochasticRoundOp);
+// ---------------------------------------------------------------------------
+// Registration: one macro per device. Resources and the scalar inputs that
+// the kernels read on the host are .HostMemory; x, delta, grad and indices
+// stay on the device.
 
-#define REGISTER_DENSE_KERNELS(T, G)                                              \
-  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceRoundedAssignAdd")                 \
-                              .Device(DEVICE_CPU)                                 \
-                              .TypeConstraint<T>("T")                             \
-                              .TypeConstraint<G>("Tdelta"),                       \
-                          RoundedAssignAddOp<T, G>);                              \
-  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceApplySgd")                         \
-                              .Device(DEVICE_CPU)                                 \
-                              .TypeConstraint<T>("T")                             \
-                              .TypeConstraint<G>("Tgrad"),                        \
-                          ApplySgdOp<T, G>);                                      \
-  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceApplyAdam")                        \
-                              .Device(DEVICE_CPU)                                 \
-                              .TypeConstraint<T>("T")                             \
-                              .TypeConstraint<G>("Tgrad"),                        \
-                          ApplyAdamOp<T, G>);                                     \
-  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceApplyLion")                        \
-                              .Device(DEVICE_CPU)                                 \
-                              .TypeConstraint<T>("T")                             \
-                              .TypeConstraint<G>("Tgrad"),                        \
-                          ApplyLionOp<T, G>);
+#define REGISTER_STOCHASTIC_ROUND(D)                                                 \
+  REGISTER_KERNEL_BUILDER(Name("TfBf16>StochasticRound")                             \
+                              .Device(DEVICE_##D)                                    \
+                              .HostMemory("seed")                                    \
+                              .HostMemory("step")                                    \
+                              .HostMemory("var_id"),                                 \
+                          StochasticRoundOp<D##Device>);
 
-#define REGISTER_SPARSE_KERNELS(T, G, Index)                                      \
-  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceSparseApplySgd")                   \
-                              .Device(DEVICE_CPU)                                 \
-                              .TypeConstraint<T>("T")                             \
-                              .TypeConstraint<G>("Tgrad")                         \
-                              .TypeConstraint<Index>("Tindices"),                 \
-                          SparseApplySgdOp<T, G, Index>);                         \
-  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceSparseApplyAdam")                  \
-                              .Device(DEVICE_CPU)                                 \
-                              .TypeConstraint<T>("T")                             \
-                              .TypeConstraint<G>("Tgrad")                         \
-                              .TypeConstraint<Index>("Tindices"),                 \
-                          SparseApplyAdamOp<T, G, Index>);
+#define REGISTER_DENSE_KERNELS(D, T, G)                                              \
+  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceRoundedAssignAdd")                    \
+                              .Device(DEVICE_##D)                                    \
+                              .HostMemory("var")                                     \
+                              .HostMemory("compensation")                            \
+                              .HostMemory("seed")                                    \
+                              .HostMemory("step")                                    \
+                              .HostMemory("var_id")                                  \
+                              .TypeConstraint<T>("T")                                \
+                              .TypeConstraint<G>("Tdelta"),                          \
+                          RoundedAssignAddOp<D##Device, T, G>);                      \
+  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceApplySgd")                            \
+                              .Device(DEVICE_##D)                                    \
+                              .HostMemory("var")                                     \
+                              .HostMemory("accum")                                   \
+                              .HostMemory("compensation")                            \
+                              .HostMemory("lr")                                      \
+                              .HostMemory("momentum")                                \
+                              .HostMemory("weight_decay")                            \
+                              .HostMemory("seed")                                    \
+                              .HostMemory("step")                                    \
+                              .HostMemory("var_id")                                  \
+                              .TypeConstraint<T>("T")                                \
+                              .TypeConstraint<G>("Tgrad"),                           \
+                          ApplySgdOp<D##Device, T, G>);                              \
+  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceApplyAdam")                           \
+                              .Device(DEVICE_##D)                                    \
+                              .HostMemory("var")                                     \
+                              .HostMemory("m")                                       \
+                              .HostMemory("v")                                       \
+                              .HostMemory("vhat")                                    \
+                              .HostMemory("compensation")                            \
+                              .HostMemory("beta1_power")                             \
+                              .HostMemory("beta2_power")                             \
+                              .HostMemory("lr")                                      \
+                              .HostMemory("beta1")                                   \
+                              .HostMemory("beta2")                                   \
+                              .HostMemory("epsilon")                                 \
+                              .HostMemory("weight_decay")                            \
+                              .HostMemory("seed")                                    \
+                              .HostMemory("step")                                    \
+                              .HostMemory("var_id")                                  \
+                              .TypeConstraint<T>("T")                                \
+                              .TypeConstraint<G>("Tgrad"),                           \
+                          ApplyAdamOp<D##Device, T, G>);                             \
+  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceApplyLion")                           \
+                              .Device(DEVICE_##D)                                    \
+                              .HostMemory("var")                                     \
+                              .HostMemory("m")                                       \
+                              .HostMemory("compensation")                            \
+                              .HostMemory("lr")                                      \
+                              .HostMemory("beta1")                                   \
+                              .HostMemory("beta2")                                   \
+                              .HostMemory("weight_decay")                            \
+                              .HostMemory("seed")                                    \
+                              .HostMemory("step")                                    \
+                              .HostMemory("var_id")                                  \
+                              .TypeConstraint<T>("T")                                \
+                              .TypeConstraint<G>("Tgrad"),                           \
+                          ApplyLionOp<D##Device, T, G>);
 
-#define REGISTER_ALL(T, G)          \
-  REGISTER_DENSE_KERNELS(T, G)      \
-  REGISTER_SPARSE_KERNELS(T, G, int32) \
-  REGISTER_SPARSE_KERNELS(T, G, int64_t)
+#define REGISTER_SPARSE_KERNELS(D, T, G, Index)                                      \
+  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceSparseApplySgd")                      \
+                              .Device(DEVICE_##D)                                    \
+                              .HostMemory("var")                                     \
+                              .HostMemory("accum")                                   \
+                              .HostMemory("compensation")                            \
+                              .HostMemory("lr")                                      \
+                              .HostMemory("momentum")                                \
+                              .HostMemory("weight_decay")                            \
+                              .HostMemory("seed")                                    \
+                              .HostMemory("step")                                    \
+                              .HostMemory("var_id")                                  \
+                              .TypeConstraint<T>("T")                                \
+                              .TypeConstraint<G>("Tgrad")                            \
+                              .TypeConstraint<Index>("Tindices"),                    \
+                          SparseApplySgdOp<D##Device, T, G, Index>);                 \
+  REGISTER_KERNEL_BUILDER(Name("TfBf16>ResourceSparseApplyAdam")                     \
+                              .Device(DEVICE_##D)                                    \
+                              .HostMemory("var")                                     \
+                              .HostMemory("m")                                       \
+                              .HostMemory("v")                                       \
+                              .HostMemory("vhat")                                    \
+                              .HostMemory("compensation")                            \
+                              .HostMemory("beta1_power")                             \
+                              .HostMemory("beta2_power")                             \
+                              .HostMemory("lr")                                      \
+                              .HostMemory("beta1")                                   \
+                              .HostMemory("beta2")                                   \
+                              .HostMemory("epsilon")                                 \
+                              .HostMemory("weight_decay")                            \
+                              .HostMemory("seed")                                    \
+                              .HostMemory("step")                                    \
+                              .HostMemory("var_id")                                  \
+                              .TypeConstraint<T>("T")                                \
+                              .TypeConstraint<G>("Tgrad")                            \
+                              .TypeConstraint<Index>("Tindices"),                    \
+                          SparseApplyAdamOp<D##Device, T, G, Index>);
 
-REGISTER_ALL(float, float)
-REGISTER_ALL(float, bfloat16)
-REGISTER_ALL(bfloat16, float)
-REGISTER_ALL(bfloat16, bfloat16)
+#define REGISTER_ALL(D, T, G)           \
+  REGISTER_DENSE_KERNELS(D, T, G)       \
+  REGISTER_SPARSE_KERNELS(D, T, G, int32) \
+  REGISTER_SPARSE_KERNELS(D, T, G, int64_t)
 
+#define REGISTER_DEVICE(D)              \
+  REGISTER_STOCHASTIC_ROUND(D)          \
+  REGISTER_ALL(D, float, float)         \
+  REGISTER_ALL(D, float, bfloat16)      \
+  REGISTER_ALL(D, bfloat16, float)      \
+  REGISTER_ALL(D, bfloat16, bfloat16)
+
+REGISTER_DEVICE(CPU)
+
+#if GOOGLE_CUDA
+// The GPU specializations are compiled by nvcc in bf16_training_ops_gpu.cu.cc,
+// which instantiates each of them explicitly.
+namespace functor {
+#define DECLARE_GPU_DENSE(R, S, G)                                 \
+  extern template struct Bf16RoundedAssignAdd<GPUDevice, R, S, G>; \
+  extern template struct Bf16ApplySgd<GPUDevice, R, S, G>;         \
+  extern template struct Bf16ApplyAdam<GPUDevice, R, S, G>;        \
+  extern template struct Bf16ApplyLion<GPUDevice, R, S, G>;        \
+  extern template struct Bf16SparseApplySgd<GPUDevice, R, S, G>;   \
+  extern template struct Bf16SparseApplyAdam<GPUDevice, R, S, G>;
+#define DECLARE_GPU_TYPES(R)                 \
+  DECLARE_GPU_DENSE(R, float, float)         \
+  DECLARE_GPU_DENSE(R, float, uint16_t)      \
+  DECLARE_GPU_DENSE(R, uint16_t, float)      \
+  DECLARE_GPU_DENSE(R, uint16_t, uint16_t)
+DECLARE_GPU_TYPES(Rounding::kNearest)
+DECLARE_GPU_TYPES(Rounding::kStochastic)
+DECLARE_GPU_TYPES(Rounding::kKahan)
+template <>
+absl::Status Bf16StochasticRound<GPUDevice>::operator()(const GPUDevice& d, const float* x,
+                                                        uint16_t* y, int64_t n,
+                                                        const tf_bf16::LaneKeys& keys);
+template <>
+absl::Status Bf16CopyBytes<GPUDevice>::operator()(const GPUDevice& d, void* dst,
+                                                  const void* src, int64_t bytes);
+extern template struct Bf16GroupSparseIndices<GPUDevice, int32>;
+extern template struct Bf16GroupSparseIndices<GPUDevice, int64_t>;
+#undef DECLARE_GPU_TYPES
+#undef DECLARE_GPU_DENSE
+}  // namespace functor
+
+REGISTER_DEVICE(GPU)
+#endif  // GOOGLE_CUDA
+
+#undef REGISTER_DEVICE
 #undef REGISTER_ALL
 #undef REGISTER_SPARSE_KERNELS
 #undef REGISTER_DENSE_KERNELS
+#undef REGISTER_STOCHASTIC_ROUND
 
 }  // namespace tensorflow

@@ -240,31 +240,26 @@ TF_BF16_HOST_DEVICE void CommitWeight(float weight, float delta, uint16_t* out,
   }
 }
 
-// Block keys of the lanes one update writes, for one 2^32-element block.
+// One key per lane. The stream keys of a call (MakeStreamKeys) and the block
+// keys of one 2^32-element block (ForBlock) have the same shape.
 struct LaneKeys {
   uint32_t weight;
   uint32_t first_slot;
   uint32_t second_slot;
   uint32_t max_slot;
-};
 
-struct StreamKeys {
-  uint32_t weight;
-  uint32_t first_slot;
-  uint32_t second_slot;
-  uint32_t max_slot;
-
+  // The block keys for elements whose flat index has high 32 bits index_high.
   TF_BF16_HOST_DEVICE LaneKeys ForBlock(uint32_t index_high) const {
     return LaneKeys{BlockKey(weight, index_high), BlockKey(first_slot, index_high),
                     BlockKey(second_slot, index_high), BlockKey(max_slot, index_high)};
   }
 };
 
-inline StreamKeys MakeStreamKeys(int64_t seed, int64_t step, int64_t var_id) {
-  return StreamKeys{StreamKey(seed, step, var_id, kWeightLane),
-                    StreamKey(seed, step, var_id, kFirstSlotLane),
-                    StreamKey(seed, step, var_id, kSecondSlotLane),
-                    StreamKey(seed, step, var_id, kMaxSlotLane)};
+inline LaneKeys MakeStreamKeys(int64_t seed, int64_t step, int64_t var_id) {
+  return LaneKeys{StreamKey(seed, step, var_id, kWeightLane),
+                  StreamKey(seed, step, var_id, kFirstSlotLane),
+                  StreamKey(seed, step, var_id, kSecondSlotLane),
+                  StreamKey(seed, step, var_id, kMaxSlotLane)};
 }
 
 // ---------------------------------------------------------------------------
@@ -276,7 +271,6 @@ struct SgdScalars {
   float lr;
   float momentum;
   float weight_decay;
-  bool use_momentum;
   uint32_t nesterov_mask;      // MaskOf(use_nesterov)
   uint32_t weight_decay_mask;  // MaskOf(weight_decay != 0): 0 * Inf must not reach w
 };
@@ -289,7 +283,6 @@ struct AdamScalars {
   float epsilon;
   float weight_decay;
   uint32_t weight_decay_mask;  // MaskOf(weight_decay != 0)
-  bool amsgrad;
 };
 
 struct LionScalars {

@@ -1,5 +1,6 @@
 // Op definitions of tf_bf16: stochastic rounding and in-place bf16 updates of
-// resource variables. Kernels: cc/kernels/bf16_training_ops.cc (CPU).
+// resource variables. Kernels: cc/kernels/bf16_training_ops.cc (OpKernels and
+// CPU functors) and bf16_training_ops_gpu.cu.cc (GPU functors).
 // Rounding specification: docs/rounding.md.
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
