@@ -9,7 +9,7 @@ TF_PACKAGE ?= tensorflow-cpu==2.21.0
 EXTRAS ?= lab,test
 STAMP := .make-install.stamp
 
-.PHONY: install build demo test test-fast bench bazel-build clean
+.PHONY: install build demo test test-fast bench bazel-build gpu-build-check clean
 
 # Installs TensorFlow and Keras, then builds the op library against that
 # TensorFlow and installs tf_bf16 (editable) with its extras.
@@ -25,10 +25,12 @@ build:
 demo: install
 	$(PYTHON) -m tf_bf16 compare --task transformer_lm --include-stock --out out/demo
 
-# Everything: the library, the tools (pytest -m lab), the slow tests (-m slow)
-# and the Bazel build; prints the 15 slowest tests.
-test: install bazel-build
-	$(PYTHON) -m pytest -q --durations=15 tests
+# Everything: the library, the tools (pytest -m lab), the slow tests (-m slow),
+# the Bazel build and the GPU library's build check; prints the 15 slowest tests.
+# (tests/test_gpu_build.py's build test is deselected: gpu-build-check ran it.)
+test: install bazel-build gpu-build-check
+	$(PYTHON) -m pytest -q --durations=15 tests \
+		--deselect tests/test_gpu_build.py::test_gpu_library_builds_and_registers_its_kernels
 
 # The library's tests (ops, reference, optimizers, policy, audit, save/serve)
 # without the tools' tests and the slow ones: ~1,100 tests, measured 3 min 45 s
@@ -42,6 +44,11 @@ bench: install
 # Proves that BUILD builds the same op library with Bazel (see tools/bazel_build.sh).
 bazel-build:
 	bash tools/bazel_build.sh
+
+# Compiles the CUDA kernels and links the GPU library against the installed
+# TensorFlow (nvcc from PyPI if none is found); see tools/gpu_build_check.sh.
+gpu-build-check: install
+	bash tools/gpu_build_check.sh
 
 clean:
 	rm -rf build $(STAMP) tf_bf16/_tf_bf16_ops*.so tf_bf16/_build_info.json *.egg-info

@@ -32,14 +32,24 @@ def fresh_global_state(seed):
     return restore_global_state
 
 
-@pytest.fixture
-def device():
-    """Runs the test on the CPU, the only device with tf_bf16 kernels today.
+def available_devices():
+    """CPU always; GPU when TensorFlow sees one and the GPU op library (with the
+    CUDA kernels) is the one tf_bf16 loads. Without both, a GPU parameter would
+    only rerun the CPU kernels under soft placement, so it is not listed."""
+    from tf_bf16 import _loader
 
-    No GPU kernel exists, so a GPU parameter could not test one. Parametrize
-    over the devices again when their kernels exist."""
-    with tf.device("/CPU:0"):
-        yield "CPU"
+    devices = ["CPU"]
+    if tf.config.list_physical_devices("GPU") and \
+            "_tf_bf16_gpu_ops" in (_loader.library_path() or ""):
+        devices.append("GPU")
+    return devices
+
+
+@pytest.fixture(params=available_devices())
+def device(request):
+    """Runs the test on each device that has tf_bf16 kernels here."""
+    with tf.device(f"/{request.param}:0"):
+        yield request.param
 
 
 def bits(x):
