@@ -4,7 +4,7 @@ The command line of the three commands: their options, help texts and run
 functions. Training is tf_bf16/lab/runner.py, the outputs (tables, report,
 plots) tf_bf16/lab/report.py, the tasks tf_bf16/lab/tasks/.
 
-``compare --task NAME`` trains one task four ways (``runner.run_task``: the
+``compare --task NAME`` trains one task five ways (``runner.run_task``: the
 same model, initial weights, data order and seed; see the runner's docstring)
 and prints a table; ``--out`` writes results.json and results.md, then the
 learning curves. ``results`` runs every available task x variant x seed and
@@ -29,28 +29,30 @@ from tf_bf16.lab import report
 from tf_bf16.lab import runner
 from tf_bf16.lab.tasks.base import STOCK, VARIANTS
 
-COMPARE_SUMMARY = "train a task in float32 and in bf16 (nearest, SR, Kahan); table, curves, JSON"
+COMPARE_SUMMARY = ("train a task in float32, mixed_bfloat16 and pure bf16 (nearest, SR, Kahan); "
+                   "table, curves, JSON")
 LIST_SUMMARY = "list the tasks of 'compare' and whether they can run here"
 RESULTS_SUMMARY = "run every task x variant x seed; write docs/results.md with mean +- std"
 
 COMPARE_DESCRIPTION = """\
-Trains one task four ways with the same model, initial weights, data order and
-seed: float32 (Keras float32 policy, stock Keras optimizer), nearest (Keras
-"bfloat16" policy, tf_bf16 optimizer with rounding="nearest", i.e. plain bf16
-training), stochastic (tf_bf16.set_policy() + stochastic rounding) and kahan
-(tf_bf16.set_policy() + Kahan summation). Progress bars go to stderr; the table
-(final metric, gap to float32, training-state bytes per parameter, wall time)
-goes to stdout; --out DIR writes JSON and Markdown, then the learning curves
-(PNG).
+Trains one task five ways with the same model, initial weights, data order and
+seed: float32 (Keras float32 policy, stock Keras optimizer), mixed_bfloat16
+(Keras "mixed_bfloat16" policy: float32 weights and optimizer state, bf16
+compute; stock Keras optimizer), nearest (Keras "bfloat16" policy, tf_bf16
+optimizer with rounding="nearest", i.e. plain bf16 training), stochastic
+(tf_bf16.set_policy() + stochastic rounding) and kahan (tf_bf16.set_policy() +
+Kahan summation). Progress bars go to stderr; the table (final metric, gap to
+float32, training-state bytes per parameter, wall time) goes to stdout; --out
+DIR writes JSON and Markdown, then the learning curves (PNG).
 
 Why "nearest" uses the tf_bf16 optimizer rather than stock Keras: stock Keras
 Adam never moves a weight in pure bf16 (beta_2 = 0.999 rounds to 1.0), which
-would hide the effect of rounding; --include-stock adds that fifth variant.
+would hide the effect of rounding; --include-stock adds that sixth variant.
 
-The Keras optimizers of float32 (and stock) receive sparse gradients
-(IndexedSlices, from Embedding lookups) densified: on the TensorFlow backend
-Keras's Adam squares them occurrence by occurrence before summing duplicate
-rows, a different algorithm from its dense update, which the tf_bf16
+The Keras optimizers of float32, mixed_bfloat16 (and stock) receive sparse
+gradients (IndexedSlices, from Embedding lookups) densified: on the TensorFlow
+backend Keras's Adam squares them occurrence by occurrence before summing
+duplicate rows, a different algorithm from its dense update, which the tf_bf16
 optimizers follow. Every variant thus runs the same algorithm.
 
 Needs the lab extra (tqdm; matplotlib for --out; a task's own packages):
@@ -72,7 +74,7 @@ must be prepared first).
 RESULTS_DESCRIPTION = """\
 Runs 'compare' for every available task (or --tasks), for --seeds seeds, and
 writes a Markdown report (default docs/results.md) with, per task, the mean +-
-std over seeds of float32 / nearest / stochastic / Kahan, the gap to float32
+std over seeds of float32 / mixed_bfloat16 / nearest / stochastic / Kahan, the gap to float32
 and whether it is within tolerance (|gap| <= 2 std, or <= 0.5 percentage
 points of accuracy / 1% relative for lower-is-better metrics), the learning
 curves (PNG next to the report, in <report dir>/results/), the exact command,
@@ -131,8 +133,9 @@ def _add_training_options(parser):
              "what the tests run)")
     parser.add_argument(
         "--variants", type=_variant_list, metavar="LIST",
-        help="comma-separated variants to train, from float32,nearest,stochastic,kahan,stock "
-             "(default: float32,nearest,stochastic,kahan; plus stock with --include-stock)")
+        help="comma-separated variants to train, from "
+             f"{','.join(VARIANTS)},{STOCK} (default: {','.join(VARIANTS)}; plus {STOCK} "
+             "with --include-stock)")
     parser.add_argument(
         "--include-stock", action="store_true",
         help="add the variant 'stock': Keras \"bfloat16\" policy with the stock Keras "
@@ -244,42 +247,16 @@ def run_compare(args):
     if message:
         print(f"task {task.name} cannot run here: {message}", file=sys.stderr)
         return 2
-    keras, tf, _ = runner.import_keras()
+    runner.import_keras()
     cfg = _task_config(task, args)
-    variants = _variants(args)
-    started = time.perf_counter()
-    results = runner.run_task(task, args.seed, variants, cfg, progress=not args.no_progress)
-    elapsed = time.perf_counter() - started
-    summary = {
-        "task": task.name, "summary": task.summary, "metric": task.metric,
-        "higher_is_better": task.higher_is_better, "seed": args.seed,
-        "config": cfg, "variants": results, "elapsed_s": elapsed,
-        "machine": common.machine_info(tf, keras), "command": _command_line(args, "compare"),
-    }
+    summary = runner.compare_summary(task, args.seed, _variants(args), cfg,
+                                     _command_line(args, "compare"),
+                                     progress=not args.no_progress)
     print(report.compare_text(task, summary), flush=True)
-    md = report.compare_markdown(task, summary)
-    out_files = []
-    if args.out:
-        # Results first: a failure while plotting must not lose the training.
-        os.makedirs(args.out, exist_ok=True)
-        report.write_json(os.path.join(args.out, "results.json"), summary)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(md + "\n![learning curves](curves.png)\n")
-        out_files += [os.path.join(args.out, "results.json"),
-                      os.path.join(args.out, "results.md")]
-    if args.json:
-        report.write_json(args.json, summary)
-        out_files.append(args.json)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md)
-        out_files.append(args.markdown)
-    if args.out:
-        png = os.path.join(args.out, "curves.png")
-        report.plot_compare(png, task, summary)
-        out_files.append(png)
-    if out_files:
-        print("wrote " + ", ".join(out_files))
+    files = report.write_compare(task, summary, out=args.out, json_path=args.json,
+                                 markdown_path=args.markdown)
+    if files:
+        print("wrote " + ", ".join(files))
     return 0
 
 
