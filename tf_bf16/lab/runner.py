@@ -393,33 +393,58 @@ class _Progress:
         return Callback()
 
 
-def train_variant(task, variant, seed, data, initial_weights, cfg, progress=True):
-    """Trains one variant; returns a dict of results. Restores the float32 policy.
+def _reporting_failures(task, variant, work, *args):
+    """``work(*args, stage)`` under the variant's policy, restored afterwards;
+    any failure becomes a ``VariantError`` naming the stage that ``work``
+    reported last through ``stage(name)``."""
+    _, _, tf_bf16 = import_keras()
+    current = ["setting its dtype policy"]
 
-    Raises ``VariantError`` (the cause chained) if the variant fails."""
-    keras, _, tf_bf16 = import_keras()
-    stage = "setting its dtype policy"
-
-    def advance(name):
-        nonlocal stage
-        stage = name
+    def stage(name):
+        current[0] = name
 
     try:
-        return _train_variant(task, variant, seed, data, initial_weights, cfg, progress,
-                              advance)
+        return work(*args, stage)
     except (KeyboardInterrupt, VariantError):
         raise
     except Exception as e:
-        raise VariantError(variant, stage, task.name, e) from e
+        raise VariantError(variant, current[0], task.name, e) from e
     finally:
         tf_bf16.reset_policy()
 
 
-def _train_variant(task, variant, seed, data, initial_weights, cfg, progress, stage):
+def train_variant(task, variant, seed, data, initial_weights, cfg, progress=True):
+    """Trains one variant; returns a dict of results. Restores the float32 policy.
+
+    Raises ``VariantError`` (the cause chained) if the variant fails."""
+    return _reporting_failures(task, variant, _train_variant, task, variant, seed, data,
+                               initial_weights, cfg, progress)
+
+
+def try_variant(task, variant, seed, data, initial_weights, cfg):
+    """Builds and compiles the variant's model as ``train_variant`` does and
+    runs one training step on the first batch, on a throwaway model: a model
+    that cannot train under the variant's policy fails here (``VariantError``),
+    before hours of other variants. Restores the float32 policy."""
+    def work(stage):
+        model, _, _ = _build_variant(task, variant, seed, data, initial_weights, cfg, stage)
+        stage("running one trial training step (before any variant trained)")
+        if isinstance(data.train, (tuple, list)):
+            x = map_arrays(lambda a: a[: cfg["batch_size"]], data.train[0])
+            y = map_arrays(lambda a: a[: cfg["batch_size"]], data.train[1])
+            model.train_on_batch(x, y)
+        else:
+            model.train_on_batch(*next(iter(data.train)))
+
+    _reporting_failures(task, variant, work)
+
+
+def _build_variant(task, variant, seed, data, initial_weights, cfg, stage):
+    """The variant's model (its policy set), with the shared weights, compiled;
+    returns (model, optimizer, the trainable weights at the start as float32)."""
     import numpy as np
 
-    keras, tf, tf_bf16 = import_keras()
-    started = time.perf_counter()
+    keras, _, _ = import_keras()
     _set_policy(variant, seed, cfg)
     stage("building the model")
     keras.utils.set_random_seed(seed)
@@ -433,6 +458,14 @@ def _train_variant(task, variant, seed, data, initial_weights, cfg, progress, st
     stage("creating the optimizer and compiling")
     optimizer = make_optimizer(variant, cfg, seed)
     model.compile(optimizer=optimizer, **task.compile_arguments(model))
+    return model, optimizer, start_weights
+
+
+def _train_variant(task, variant, seed, data, initial_weights, cfg, progress, stage):
+    keras, _, tf_bf16 = import_keras()
+    started = time.perf_counter()
+    model, optimizer, start_weights = _build_variant(task, variant, seed, data,
+                                                     initial_weights, cfg, stage)
     steps = _steps_per_epoch(data, cfg)
     epochs = cfg["epochs"]
     total = None if steps is None else epochs * steps
