@@ -85,7 +85,6 @@ def _bf16(array):
     return np.asarray(array, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
-@pytest.mark.slow  # ~25 s on 2 busy cores: six variants, each traced twice
 def test_every_variant_same_weights_and_order_and_outputs(tmp_path, monkeypatch, capsys):
     recorder = _FitRecorder(monkeypatch)
     x, y = make_data()

@@ -2,7 +2,8 @@
 
 The user's callables become a ``UserTask`` (a ``Task`` of tasks/base.py), so
 that the runner and the report of the built-in tasks train and report it: one
-implementation for both. This module only checks and converts the inputs:
+implementation for both. This module only checks and converts the inputs
+(the data: own_data.py):
 
 - ``prepare(...)`` checks every argument and the model, data, loss and metric,
   before anything trains (a bad input raises ``TypeError`` or ``ValueError``
@@ -30,9 +31,9 @@ from typing import Any, Callable, Optional
 from tf_bf16.lab import common
 from tf_bf16.lab import report
 from tf_bf16.lab import runner
+from tf_bf16.lab.own_data import describe, make_task_data
 from tf_bf16.lab.tasks.base import STOCK, VARIANTS, Task, TaskData
 
-DATA_KEYS = ("train", "validation")
 ALL_VARIANTS = tuple(VARIANTS) + (STOCK,)
 
 
@@ -62,7 +63,7 @@ class UserTask(Task):
             raise TypeError(
                 f"{self.source} must return a keras.Model built under the current dtype "
                 f"policy (uncompiled, or compiled with its loss and metrics); it returned "
-                f"{_describe(model)}")
+                f"{describe(model)}")
         return model
 
     def compile_arguments(self, model):
@@ -108,18 +109,11 @@ class UserTask(Task):
         return float(results[self.metric_key])
 
 
-def _describe(value):
-    text = repr(value)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return f"{type(value).__name__} {text}"
-
-
 def _number(value, what):
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{what} must return a number; it returned {_describe(value)}")
+        raise TypeError(f"{what} must return a number; it returned {describe(value)}")
     return number
 
 
@@ -130,143 +124,6 @@ def _keras_evaluate(model, validation, batch_size, steps=None):
         return model.evaluate(x, y, batch_size=batch_size, steps=steps, verbose=0,
                               return_dict=True)
     return model.evaluate(validation, steps=steps, verbose=0, return_dict=True)
-
-
-# ---------------------------------------------------------------------------
-# Data.
-
-def _as_arrays(x, y, where):
-    """(x, y) with every leaf a NumPy array, all of one length."""
-    import keras
-    import numpy as np
-
-    x = keras.tree.map_structure(np.asarray, x)
-    y = keras.tree.map_structure(np.asarray, y)
-    lengths = {}
-    for name, part in (("x", x), ("y", y)):
-        for leaf in keras.tree.flatten(part):
-            if leaf.ndim == 0:
-                raise ValueError(f"{where}: {name} holds a scalar; every array needs one row "
-                                 "per example")
-            lengths.setdefault(name, set()).add(len(leaf))
-    sizes = lengths.get("x", set()) | lengths.get("y", set())
-    if len(sizes) != 1:
-        raise ValueError(f"{where}: x and y must have the same number of examples; got "
-                         f"{sorted(lengths.get('x', ()))} for x, "
-                         f"{sorted(lengths.get('y', ()))} for y")
-    if sizes == {0}:
-        raise ValueError(f"{where}: no examples")
-    return x, y
-
-
-def _split(x, y, fraction):
-    """The last `fraction` of the examples as validation (Keras's validation_split)."""
-    n = runner.array_length(x)
-    n_val = int(math.floor(n * fraction))
-    if n_val < 1 or n_val >= n:
-        raise ValueError(f"validation_split={fraction} of {n} examples leaves "
-                         f"{n - n_val} for training and {n_val} for validation; "
-                         "both need at least one")
-    cut = n - n_val
-    first = (runner.map_arrays(lambda a: a[:cut], x), runner.map_arrays(lambda a: a[:cut], y))
-    last = (runner.map_arrays(lambda a: a[cut:], x), runner.map_arrays(lambda a: a[cut:], y))
-    return first, last
-
-
-def _part(value, where):
-    """One part of `data`: (x, y) arrays -> tuple of arrays; a dataset as is."""
-    if runner.is_dataset(value):
-        return value
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return _as_arrays(value[0], value[1], where)
-    raise TypeError(f"{where} must be an (x, y) tuple of arrays or a tf.data.Dataset of "
-                    f"(x, y) batches; got {_describe(value)}")
-
-
-def _check_dataset(dataset, where, steps_per_epoch, validation=False):
-    spec = dataset.element_spec
-    if not isinstance(spec, tuple) or len(spec) not in (2, 3):
-        raise ValueError(f"{where}: a dataset must yield (x, y) or (x, y, sample_weight) "
-                         f"batches, as model.fit takes them; its elements are {spec}")
-    y_spec = spec[1]
-    if hasattr(y_spec, "shape") and y_spec.shape.rank == 0:
-        raise ValueError(f"{where}: the labels are scalars, so the dataset is not batched; "
-                         "call .batch(batch_size) on it")
-    cardinality = runner._dataset_cardinality(dataset)
-    if cardinality == 0:
-        raise ValueError(f"{where}: the dataset is empty")
-    if cardinality == -1 and validation:
-        raise ValueError(f"{where}: the dataset repeats forever, so evaluating on it would "
-                         "never end; pass a finite one")
-    if cardinality == -1 and steps_per_epoch is None:
-        raise ValueError(f"{where}: the dataset repeats forever; pass steps_per_epoch "
-                         "(command line: --steps) to say how many batches make an epoch")
-
-
-def _check_same_order(dataset, seed):
-    """Every variant iterates the dataset anew, after the same
-    ``keras.utils.set_random_seed``: its first batch must come out the same."""
-    import keras
-    import numpy as np
-
-    batches = []
-    for _ in range(2):
-        keras.utils.set_random_seed(seed * 1000)  # what the runner does before epoch 1
-        batches.append([np.asarray(a) for a in keras.tree.flatten(next(iter(dataset)))])
-    if not all(np.array_equal(a, b) for a, b in zip(*batches)):
-        raise ValueError(
-            "the training dataset gives a different first batch each time it is iterated "
-            "(e.g. shuffle() with reshuffle_each_iteration=True, or a seed drawn per "
-            "iteration), so the variants would not see the same data order. Shuffle with "
-            "reshuffle_each_iteration=False (or random ops seeded from TensorFlow's global "
-            "seed, which compare sets before every epoch), or pass (x, y) arrays: compare "
-            "shuffles those every epoch, the same way for every variant.")
-
-
-def make_task_data(data, validation_split, evaluate, seed, steps_per_epoch):
-    """`data` -> TaskData (train, eval = the validation data), with its facts."""
-    if isinstance(data, dict):
-        unknown = sorted(set(data) - set(DATA_KEYS))
-        if unknown or "train" not in data:
-            raise ValueError(f"data as a dict needs the key 'train' and may have "
-                             f"'validation'; got keys {sorted(data)}")
-        train = _part(data["train"], "data['train']")
-        validation = (None if data.get("validation") is None
-                      else _part(data["validation"], "data['validation']"))
-    elif runner.is_dataset(data) or isinstance(data, (tuple, list)):
-        train, validation = _part(data, "data"), None
-    else:
-        raise TypeError("data must be an (x, y) tuple of arrays, a dict {'train': ..., "
-                        "'validation': ...} of those or of tf.data.Datasets, or a "
-                        f"tf.data.Dataset of (x, y) batches; got {_describe(data)}")
-    info = {}
-    if validation is None and evaluate is None:
-        if runner.is_dataset(train):
-            raise ValueError("data is a tf.data.Dataset without validation data: pass "
-                             "{'train': dataset, 'validation': (x, y) or dataset}, or "
-                             "evaluate=callable(model) -> float")
-        if not validation_split:
-            raise ValueError("no validation data: pass {'train': (x, y), 'validation': "
-                             "(x, y)}, validation_split (a fraction of the arrays), or "
-                             "evaluate=callable(model) -> float")
-        train, validation = _split(train[0], train[1], validation_split)
-        info["validation_split"] = validation_split
-    if runner.is_dataset(train):
-        _check_dataset(train, "data['train']" if isinstance(data, dict) else "data",
-                       steps_per_epoch)
-        _check_same_order(train, seed)
-        cardinality = runner._dataset_cardinality(train)
-        info["train"] = ("dataset" if cardinality < 0 else f"dataset of {cardinality} batches")
-    else:
-        info["train"] = runner.array_length(train[0])
-    if evaluate is not None:
-        info["validation"] = f"evaluate={getattr(evaluate, '__name__', 'callable')}"
-    elif runner.is_dataset(validation):
-        _check_dataset(validation, "data['validation']", None, validation=True)
-        info["validation"] = "dataset"
-    else:
-        info["validation"] = runner.array_length(validation[0])
-    return TaskData(train=train, eval=validation, info=info)
 
 
 # ---------------------------------------------------------------------------
@@ -292,7 +149,7 @@ def optimizer_spec(optimizer, optimizer_kwargs, where="optimizer"):
         where = f"{where}()"
     if not isinstance(instance, keras.optimizers.Optimizer):
         raise TypeError(f"{where} must be a name, a Keras optimizer or a zero-argument "
-                        f"callable returning one; got {_describe(instance)}")
+                        f"callable returning one; got {describe(instance)}")
     name = _optimizer_name(instance)
     if name is None:
         raise ValueError(
@@ -465,10 +322,10 @@ def prepare(build_model, data, *, optimizer=None, learning_rate=None, optimizer_
     check_lab_packages("tf_bf16.compare" + (" with out=" if out else ""), out)
     if not callable(build_model):
         raise TypeError("build_model must be a zero-argument callable returning a Keras "
-                        f"model; got {_describe(build_model)}")
+                        f"model; got {describe(build_model)}")
     if evaluate is not None and not callable(evaluate):
         raise TypeError(f"evaluate must be a callable(model) -> float; got "
-                        f"{_describe(evaluate)}")
+                        f"{describe(evaluate)}")
     epochs = _positive_int(epochs, "epochs")
     batch_size = _positive_int(batch_size, "batch_size")
     steps_per_epoch = _positive_int(steps_per_epoch, "steps_per_epoch", optional=True)
@@ -483,7 +340,7 @@ def prepare(build_model, data, *, optimizer=None, learning_rate=None, optimizer_
             and learning_rate > 0):
         raise ValueError(f"learning_rate must be a finite number > 0; got {learning_rate!r}")
     if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, dict):
-        raise TypeError(f"optimizer_kwargs must be a dict; got {_describe(optimizer_kwargs)}")
+        raise TypeError(f"optimizer_kwargs must be a dict; got {describe(optimizer_kwargs)}")
     if isinstance(keep_float32, str):
         keep_float32 = (keep_float32,)
     variant_names = variant_list(variants, include_stock)
@@ -671,5 +528,5 @@ def load_callable(spec, option):
     function = getattr(module, function_name)
     if not callable(function):
         raise ValueError(f"{option} {spec}: {function_name!r} is not a function (it is "
-                         f"{_describe(function)})")
+                         f"{describe(function)})")
     return function
