@@ -60,6 +60,23 @@ def test_library_trains_and_audits_without_the_lab_packages():
     assert result == {"bytes_per_parameter": 8.0, "steps": 1, "lab": []}
 
 
+def test_compare_without_the_lab_packages_says_what_to_install():
+    """tf_bf16.compare is in the library's namespace; called without the lab
+    extra, it names what is missing and how to install it, before any work."""
+    message = _python(
+        "import blocker\n"
+        f"blocker.block(*{LAB_PACKAGES!r})\n"
+        "import json\n"
+        "import tf_bf16\n"
+        "try:\n"
+        "    tf_bf16.compare(lambda: None, None, out='never_written')\n"
+        "except ImportError as e:\n"
+        "    print(json.dumps(str(e)))\n")
+    assert message.startswith("tf_bf16.compare with out= needs tqdm, matplotlib,"), message
+    assert 'pip install "tf_bf16[lab]"' in message
+    assert not os.path.exists(os.path.join(ROOT, "never_written"))
+
+
 def test_version_is_defined_once():
     import tf_bf16
 

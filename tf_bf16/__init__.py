@@ -9,8 +9,11 @@
 and Kahan summation); ``tf_bf16.reference`` a pure-TensorFlow implementation of
 the same specification (docs/rounding.md); ``tf_bf16.losses`` the bf16
 softmax cross-entropy; ``tf_bf16.audit(model)`` (package ``tf_bf16.auditing``)
-reports what a training step still stores and computes in 32 bits. The
-compiled op library is loaded on first use.
+reports what a training step still stores and computes in 32 bits;
+``tf_bf16.compare(build_model, data)`` (module ``tf_bf16.comparing``) trains
+your model in float32, mixed_bfloat16 and pure bf16 and compares them (it
+imports the tools of ``tf_bf16.lab`` when called, not before). The compiled op
+library is loaded on first use.
 """
 
 from tf_bf16._version import __version__  # noqa: F401
@@ -28,3 +31,4 @@ from tf_bf16.policy import reset_policy  # noqa: E402,F401
 from tf_bf16.policy import set_policy  # noqa: E402,F401
 from tf_bf16.auditing import AuditReport  # noqa: E402,F401
 from tf_bf16.auditing import audit  # noqa: E402,F401
+from tf_bf16.comparing import compare  # noqa: E402,F401

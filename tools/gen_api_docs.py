@@ -29,6 +29,7 @@ def _entries():
                     tf_bf16.check_model, tf_bf16.prepare_model]),
         ("Optimizers", [optimizers.SGD, optimizers.Adam, optimizers.AdamW, optimizers.Lion]),
         ("Audit", [tf_bf16.audit, tf_bf16.AuditReport]),
+        ("Compare", [tf_bf16.compare]),
         ("Losses", [tf_bf16.losses.bf16_loss, tf_bf16.losses.BFloat16SoftmaxCrossEntropy]),
         ("Ops", [ops.stochastic_round, ops.rounded_assign_add, ops.apply_sgd, ops.apply_adam,
                  ops.apply_lion]),
@@ -39,7 +40,8 @@ def _entries():
 def _qualified_name(obj):
     module = obj.__module__
     public = {"tf_bf16.policy": "tf_bf16", "tf_bf16.auditing": "tf_bf16",
-              "tf_bf16.auditing.report": "tf_bf16", "tf_bf16._loader": "tf_bf16"}
+              "tf_bf16.auditing.report": "tf_bf16", "tf_bf16._loader": "tf_bf16",
+              "tf_bf16.comparing": "tf_bf16"}
     if module.startswith("tf_bf16.optimizers."):
         module = "tf_bf16.optimizers"
     return f"{public.get(module, module)}.{obj.__name__}"

@@ -56,8 +56,8 @@ def test_compare_outputs(compare_run):
     assert status == 0
     # Keras's global policy is back to float32 and the tf_bf16 policy is off.
     assert dtype_policy == "float32" and not active
-    for label in ("float32", "bf16 nearest", "bf16 SR", "bf16 Kahan", "B/param", "wall s",
-                  "gap to float32"):
+    for label in ("float32", "mixed_bfloat16", "bf16 nearest", "bf16 SR", "bf16 Kahan",
+                  "B/param", "wall s", "gap to float32"):
         assert label in text, label
     assert (out / "curves.png").stat().st_size > 1000
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -71,7 +71,9 @@ def test_compare_outputs(compare_run):
 def test_compare_variants_trained(compare_run):
     _, _, _, out, _, _ = compare_run
     results = json.loads((out / "results.json").read_text())
-    expected_bytes = {"float32": 8, "nearest": 4, "stochastic": 4, "kahan": 6}
+    # mixed_bfloat16 keeps float32 weights and momentum, as float32 does.
+    expected_bytes = {"float32": 8, "mixed_bfloat16": 8, "nearest": 4, "stochastic": 4,
+                      "kahan": 6}
     for variant, r in results["variants"].items():
         assert r["finite"], variant
         assert all(isinstance(x, float) and math.isfinite(x) for x in r["curve"]), variant
@@ -84,9 +86,10 @@ def test_compare_variants_trained(compare_run):
             assert late > 0.5, late
         # SGD momentum: weights + momentum (+ Kahan buffer), from the variables.
         assert r["bytes_per_parameter"] == expected_bytes[variant], variant
-        if variant == "float32":
-            assert r["state_dtypes"] == ["float32"]
+        if variant in ("float32", "mixed_bfloat16"):
+            assert r["state_dtypes"] == ["float32"], variant
             assert r["optimizer"] == "keras.SGD"
+            assert r["dtype_policy"] == variant
         else:
             # Only bf16 state: every model variable and every optimizer slot.
             assert r["state_dtypes"] == ["bfloat16"], variant
@@ -184,15 +187,21 @@ def test_every_task_runs_reduced(name):
     for variant, r in results.items():
         assert r["finite"], (name, variant)
         assert r["steps"] > 0 and r["weights_changed_fraction"] > 0, (name, variant)
-        if variant != "float32":
+        if variant == "mixed_bfloat16":
+            # float32 master weights and optimizer state (no bf16 state).
+            assert ("float32" in r["state_dtypes"]
+                    and "bfloat16" not in r["state_dtypes"]), (name, variant)
+        elif variant != "float32":
             assert "bfloat16" in r["state_dtypes"], (name, variant)
 
 
+@pytest.mark.parametrize("variant", ["float32", "mixed_bfloat16"])
 @pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Lion"])
-def test_keras_baseline_densifies_sparse_gradients(name):
-    """The float32 variant's Keras optimizer must run the dense update on an
-    Embedding's IndexedSlices gradient (duplicate rows summed before Adam
-    squares them), bit for bit as if the gradient had been dense."""
+def test_keras_baseline_densifies_sparse_gradients(name, variant):
+    """The Keras optimizer of the float32 and mixed_bfloat16 variants must run
+    the dense update on an Embedding's IndexedSlices gradient (duplicate rows
+    summed before Adam squares them), bit for bit as if the gradient had been
+    dense."""
     import numpy as np
     import tensorflow as tf
 
@@ -203,7 +212,10 @@ def test_keras_baseline_densifies_sparse_gradients(name):
     sparse = tf.IndexedSlices(values, indices, tf.constant([6, 3]))
     dense = tf.convert_to_tensor(sparse)
     kwargs = {"learning_rate": 0.01}
-    cfg = {"optimizer": name, "learning_rate": 0.01, "optimizer_kwargs": {}}
+    if name == "SGD":
+        kwargs["momentum"] = 0.9
+    cfg = {"optimizer": name, "learning_rate": 0.01,
+           "optimizer_kwargs": {k: v for k, v in kwargs.items() if k != "learning_rate"}}
 
     def run(optimizer, grad):
         var = keras.Variable(table)
@@ -211,11 +223,9 @@ def test_keras_baseline_densifies_sparse_gradients(name):
             optimizer.apply_gradients([(grad, var)])
         return var.numpy()
 
-    baseline = runner.make_optimizer("float32", cfg, 0)
+    baseline = runner.make_optimizer(variant, cfg, 0)
     assert isinstance(baseline, getattr(keras.optimizers, name))
     got = run(baseline, sparse)
-    if name == "SGD":
-        kwargs["momentum"] = 0.9
     want = run(getattr(keras.optimizers, name)(**kwargs), dense)
     np.testing.assert_array_equal(got, want)
     if name in ("Adam", "AdamW"):

@@ -4,10 +4,12 @@ The command line of the three commands: their options, help texts and run
 functions. Training is tf_bf16/lab/runner.py, the outputs (tables, report,
 plots) tf_bf16/lab/report.py, the tasks tf_bf16/lab/tasks/.
 
-``compare --task NAME`` trains one task four ways (``runner.run_task``: the
+``compare --task NAME`` trains one task five ways (``runner.run_task``: the
 same model, initial weights, data order and seed; see the runner's docstring)
 and prints a table; ``--out`` writes results.json and results.md, then the
-learning curves. ``results`` runs every available task x variant x seed and
+learning curves. ``compare --model MODULE:FUNCTION --data MODULE:FUNCTION``
+does the same for the user's own model and data (through
+tf_bf16/lab/own_model.py, what ``tf_bf16.compare`` runs). ``results`` runs every available task x variant x seed and
 writes ``docs/results.md`` with mean +- std over seeds and the learning
 curves under ``docs/results/``; ``results --from-json`` re-renders them
 without training. ``list`` shows the tasks and whether they can run here.
@@ -29,29 +31,63 @@ from tf_bf16.lab import report
 from tf_bf16.lab import runner
 from tf_bf16.lab.tasks.base import STOCK, VARIANTS
 
-COMPARE_SUMMARY = "train a task in float32 and in bf16 (nearest, SR, Kahan); table, curves, JSON"
+COMPARE_SUMMARY = ("train a task or your own model in float32, mixed_bfloat16 and pure bf16 "
+                   "(nearest, SR, Kahan); table, curves, JSON")
 LIST_SUMMARY = "list the tasks of 'compare' and whether they can run here"
 RESULTS_SUMMARY = "run every task x variant x seed; write docs/results.md with mean +- std"
 
 COMPARE_DESCRIPTION = """\
-Trains one task four ways with the same model, initial weights, data order and
-seed: float32 (Keras float32 policy, stock Keras optimizer), nearest (Keras
-"bfloat16" policy, tf_bf16 optimizer with rounding="nearest", i.e. plain bf16
-training), stochastic (tf_bf16.set_policy() + stochastic rounding) and kahan
-(tf_bf16.set_policy() + Kahan summation). Progress bars go to stderr; the table
-(final metric, gap to float32, training-state bytes per parameter, wall time)
-goes to stdout; --out DIR writes JSON and Markdown, then the learning curves
-(PNG).
+Trains one task (--task) or your own model and data (--model, --data) five ways
+with the same model, initial weights, data order and seed: float32 (Keras
+float32 policy, stock Keras optimizer), mixed_bfloat16 (Keras "mixed_bfloat16"
+policy: float32 weights and optimizer state, bf16 compute; stock Keras
+optimizer), nearest (Keras "bfloat16" policy, tf_bf16 optimizer with
+rounding="nearest", i.e. plain bf16 training), stochastic (tf_bf16.set_policy()
++ stochastic rounding) and kahan (tf_bf16.set_policy() + Kahan summation).
+Progress bars go to stderr; the table (final metric, gap to float32,
+training-state bytes per parameter, wall time) goes to stdout; --out DIR writes
+JSON and Markdown, then the learning curves (PNG).
 
 Why "nearest" uses the tf_bf16 optimizer rather than stock Keras: stock Keras
 Adam never moves a weight in pure bf16 (beta_2 = 0.999 rounds to 1.0), which
-would hide the effect of rounding; --include-stock adds that fifth variant.
+would hide the effect of rounding; --include-stock adds that sixth variant.
 
-The Keras optimizers of float32 (and stock) receive sparse gradients
-(IndexedSlices, from Embedding lookups) densified: on the TensorFlow backend
-Keras's Adam squares them occurrence by occurrence before summing duplicate
-rows, a different algorithm from its dense update, which the tf_bf16
+The Keras optimizers of float32, mixed_bfloat16 (and stock) receive sparse
+gradients (IndexedSlices, from Embedding lookups) densified: on the TensorFlow
+backend Keras's Adam squares them occurrence by occurrence before summing
+duplicate rows, a different algorithm from its dense update, which the tf_bf16
 optimizers follow. Every variant thus runs the same algorithm.
+
+Your own model: --model MODULE:FUNCTION names a zero-argument function that
+returns a new Keras model, built under the dtype policy in force when it is
+called (do not hard-code dtype="float32"), uncompiled or compiled with its loss
+and metrics (and optimizer, used when --optimizer is not given); --data
+MODULE:FUNCTION a zero-argument function that returns (x, y) arrays, a dict
+{"train": ..., "validation": ...} of (x, y) arrays or tf.data.Datasets, or a
+tf.data.Dataset of (x, y) batches. MODULE is a module on the Python path (the
+current directory is searched) or a path to a .py file. They are the callables
+that tf_bf16.compare(build_model, data) takes. Without validation data the last
+--validation-split of the arrays is held out. The metric reported is --metric
+(a key of model.evaluate's results; default: the first compiled metric, else
+the loss). For example, with my_models.py:
+
+  import keras
+  from sklearn.datasets import load_digits
+
+  def build_model():
+      model = keras.Sequential([keras.Input((64,)),
+                                keras.layers.Dense(128, activation="relu"),
+                                keras.layers.Dense(10)])
+      model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"])
+      return model
+
+  def data():
+      x, y = load_digits(return_X_y=True)
+      return (x / 16.0).astype("float32"), y
+
+  python -m tf_bf16 compare --model my_models.py:build_model --data my_models.py:data \\
+      --optimizer adamw --epochs 10 --out out/mine
 
 Needs the lab extra (tqdm; matplotlib for --out; a task's own packages):
 pip install "tf_bf16[lab]".
@@ -72,7 +108,7 @@ must be prepared first).
 RESULTS_DESCRIPTION = """\
 Runs 'compare' for every available task (or --tasks), for --seeds seeds, and
 writes a Markdown report (default docs/results.md) with, per task, the mean +-
-std over seeds of float32 / nearest / stochastic / Kahan, the gap to float32
+std over seeds of float32 / mixed_bfloat16 / nearest / stochastic / Kahan, the gap to float32
 and whether it is within tolerance (|gap| <= 2 std, or <= 0.5 percentage
 points of accuracy / 1% relative for lower-is-better metrics), the learning
 curves (PNG next to the report, in <report dir>/results/), the exact command,
@@ -98,6 +134,16 @@ def _positive_float(text):
         raise argparse.ArgumentTypeError(f"not a number: {text!r}")
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError("must be a finite number > 0")
+    return value
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError("must be a fraction in [0, 1)")
     return value
 
 
@@ -131,8 +177,9 @@ def _add_training_options(parser):
              "what the tests run)")
     parser.add_argument(
         "--variants", type=_variant_list, metavar="LIST",
-        help="comma-separated variants to train, from float32,nearest,stochastic,kahan,stock "
-             "(default: float32,nearest,stochastic,kahan; plus stock with --include-stock)")
+        help="comma-separated variants to train, from "
+             f"{','.join(VARIANTS)},{STOCK} (default: {','.join(VARIANTS)}; plus {STOCK} "
+             "with --include-stock)")
     parser.add_argument(
         "--include-stock", action="store_true",
         help="add the variant 'stock': Keras \"bfloat16\" policy with the stock Keras "
@@ -144,14 +191,58 @@ def _add_training_options(parser):
 
 def add_compare_arguments(parser):
     """Options of `compare`."""
-    parser.add_argument(
-        "--task", required=True, metavar="NAME",
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--task", metavar="NAME",
         help="task to train ('python -m tf_bf16 list' shows them)")
+    what.add_argument(
+        "--model", metavar="MODULE:FUNCTION",
+        help="your own model instead of a task: a zero-argument function returning a new "
+             "Keras model (see above); needs --data")
     parser.add_argument(
         "--seed", type=int, default=0, metavar="S",
         help="seed of the initial weights, the data order and the stochastic rounding "
              "(default 0)")
     _add_training_options(parser)
+    own = parser.add_argument_group(
+        "your own model (--model; not with --task)")
+    own.add_argument(
+        "--data", metavar="MODULE:FUNCTION",
+        help="a zero-argument function returning your data: (x, y) arrays, "
+             "{'train': ..., 'validation': ...} or a tf.data.Dataset of (x, y) batches")
+    own.add_argument(
+        "--optimizer", choices=tuple(runner.OPTIMIZER_CLASSES), metavar="NAME",
+        help="sgd, adam, adamw or lion, with Keras's defaults (default: the optimizer the "
+             "model is compiled with, else adamw)")
+    own.add_argument(
+        "--loss", metavar="NAME",
+        help="a Keras loss name, e.g. mse (default: the compiled model's loss)")
+    own.add_argument(
+        "--metrics", metavar="LIST",
+        help="comma-separated Keras metric names to compile, e.g. accuracy "
+             "(default: the compiled model's)")
+    own.add_argument(
+        "--metric", metavar="NAME",
+        help="the metric to report: a key of model.evaluate's results, e.g. accuracy or "
+             "loss (default: the first compiled metric, else the loss)")
+    direction = own.add_mutually_exclusive_group()
+    direction.add_argument(
+        "--higher-is-better", dest="higher_is_better", action="store_const", const=True,
+        help="the metric is better when higher (default: what Keras says of it)")
+    direction.add_argument(
+        "--lower-is-better", dest="higher_is_better", action="store_const", const=False,
+        help="the metric is better when lower")
+    own.add_argument(
+        "--validation-split", type=_fraction, default=0.2, metavar="F",
+        help="when --data returns no validation data: the fraction of the arrays, from the "
+             "end, held out for the metric (default 0.2)")
+    own.add_argument(
+        "--keep-float32", action="append", default=[], metavar="REGEX",
+        help="a layer or variable that stochastic and kahan keep in float32 "
+             "(tf_bf16.set_policy(keep_float32=...)); repeatable")
+    own.add_argument(
+        "--name", metavar="NAME",
+        help="the name in the table and plots (default: the model function's)")
     parser.add_argument(
         "--out", metavar="DIR",
         help="write results.json and results.md, then the learning curves (curves.png), "
@@ -207,7 +298,17 @@ def _command_line(args, command):
     import shlex
 
     parts = ["python", "-m", "tf_bf16", command]
+    own_model = getattr(args, "model", None) is not None
     for option, value in (("--task", getattr(args, "task", None)),
+                          ("--model", getattr(args, "model", None)),
+                          ("--data", getattr(args, "data", None)),
+                          ("--optimizer", getattr(args, "optimizer", None)),
+                          ("--loss", getattr(args, "loss", None)),
+                          ("--metrics", getattr(args, "metrics", None)),
+                          ("--metric", getattr(args, "metric", None)),
+                          ("--validation-split",
+                           args.validation_split if own_model else None),
+                          ("--name", getattr(args, "name", None)),
                           ("--tasks", getattr(args, "tasks", None)),
                           ("--seed", getattr(args, "seed", None)),
                           ("--seeds", getattr(args, "seeds", None)),
@@ -219,6 +320,10 @@ def _command_line(args, command):
                           ("--output", getattr(args, "output", None))):
         if value is not None:
             parts += [option, str(value)]
+    for pattern in getattr(args, "keep_float32", None) or ():
+        parts += ["--keep-float32", pattern]
+    if getattr(args, "higher_is_better", None) is not None:
+        parts.append("--higher-is-better" if args.higher_is_better else "--lower-is-better")
     for flag in ("reduced", "include_stock"):
         if getattr(args, flag, False):
             parts.append("--" + flag.replace("_", "-"))
@@ -229,9 +334,24 @@ def _command_line(args, command):
 # compare
 
 def run_compare(args):
-    """`compare`: trains the task's variants, prints the table, writes outputs."""
+    """`compare`: trains the task's (or the model's) variants, prints the table,
+    writes the outputs."""
     from tf_bf16.lab import tasks as tasks_module
 
+    if args.model is not None:
+        return _run_compare_own_model(args)
+    misplaced = [option for option, given in (
+        ("--data", args.data is not None), ("--optimizer", args.optimizer is not None),
+        ("--loss", args.loss is not None), ("--metrics", args.metrics is not None),
+        ("--metric", args.metric is not None),
+        ("--higher-is-better/--lower-is-better", args.higher_is_better is not None),
+        ("--validation-split", args.validation_split != 0.2),
+        ("--keep-float32", bool(args.keep_float32)), ("--name", args.name is not None))
+        if given]
+    if misplaced:
+        print(f"{', '.join(misplaced)}: for your own model (--model), not with --task",
+              file=sys.stderr)
+        return 2
     needs = ("tqdm",) + (("matplotlib",) if args.out else ())
     if common.check_requirements("compare" + (" --out" if args.out else ""), needs):
         return 2
@@ -244,42 +364,72 @@ def run_compare(args):
     if message:
         print(f"task {task.name} cannot run here: {message}", file=sys.stderr)
         return 2
-    keras, tf, _ = runner.import_keras()
+    runner.import_keras()
     cfg = _task_config(task, args)
-    variants = _variants(args)
-    started = time.perf_counter()
-    results = runner.run_task(task, args.seed, variants, cfg, progress=not args.no_progress)
-    elapsed = time.perf_counter() - started
-    summary = {
-        "task": task.name, "summary": task.summary, "metric": task.metric,
-        "higher_is_better": task.higher_is_better, "seed": args.seed,
-        "config": cfg, "variants": results, "elapsed_s": elapsed,
-        "machine": common.machine_info(tf, keras), "command": _command_line(args, "compare"),
-    }
+    summary = runner.compare_summary(task, args.seed, _variants(args), cfg,
+                                     _command_line(args, "compare"),
+                                     progress=not args.no_progress)
     print(report.compare_text(task, summary), flush=True)
-    md = report.compare_markdown(task, summary)
-    out_files = []
-    if args.out:
-        # Results first: a failure while plotting must not lose the training.
-        os.makedirs(args.out, exist_ok=True)
-        report.write_json(os.path.join(args.out, "results.json"), summary)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(md + "\n![learning curves](curves.png)\n")
-        out_files += [os.path.join(args.out, "results.json"),
-                      os.path.join(args.out, "results.md")]
-    if args.json:
-        report.write_json(args.json, summary)
-        out_files.append(args.json)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(md)
-        out_files.append(args.markdown)
-    if args.out:
-        png = os.path.join(args.out, "curves.png")
-        report.plot_compare(png, task, summary)
-        out_files.append(png)
-    if out_files:
-        print("wrote " + ", ".join(out_files))
+    files = report.write_compare(task, summary, out=args.out, json_path=args.json,
+                                 markdown_path=args.markdown)
+    if files:
+        print("wrote " + ", ".join(files))
+    return 0
+
+
+def _run_compare_own_model(args):
+    """`compare --model --data`: tf_bf16.compare's implementation, from the command line.
+
+    Exit status 2 for a bad input (before training), 1 when a variant fails."""
+    from tf_bf16.lab import own_model
+
+    if args.data is None:
+        print("--model needs --data MODULE:FUNCTION (a function returning your data)",
+              file=sys.stderr)
+        return 2
+    if args.reduced:
+        print("--reduced applies to the built-in tasks (--task), not to --model",
+              file=sys.stderr)
+        return 2
+    try:
+        own_model.check_lab_packages("compare --model" + (" --out" if args.out else ""),
+                                     args.out)
+        build_model = own_model.load_callable(args.model, "--model")
+        data_function = own_model.load_callable(args.data, "--data")
+    except (ImportError, ValueError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    try:
+        data = data_function()
+    except Exception as e:
+        print(f"--data {args.data}: calling it raised {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return 2
+    name = args.name or args.model.rpartition(":")[2]
+    metrics = ([m.strip() for m in args.metrics.split(",") if m.strip()]
+               if args.metrics else None)
+    try:
+        prepared = own_model.prepare(
+            build_model, data, optimizer=args.optimizer, learning_rate=args.learning_rate,
+            loss=args.loss, metrics=metrics, metric=args.metric,
+            higher_is_better=args.higher_is_better, epochs=args.epochs or 1,
+            batch_size=args.batch_size or 32, steps_per_epoch=args.steps,
+            validation_split=args.validation_split, seed=args.seed,
+            variants=_variants(args), keep_float32=tuple(args.keep_float32), out=args.out,
+            name=name, source=f"--model {args.model}",
+            command=_command_line(args, "compare"), json_path=args.json,
+            markdown_path=args.markdown)
+    except (ImportError, TypeError, ValueError) as e:
+        print(f"compare --model {args.model} --data {args.data}: {e}", file=sys.stderr)
+        return 2
+    except runner.VariantError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    try:
+        own_model.run(prepared, progress=not args.no_progress)
+    except runner.VariantError as e:
+        print(str(e), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,18 +13,19 @@ import os
 import statistics
 
 from tf_bf16.lab import common
-from tf_bf16.lab.tasks.base import STOCK
+from tf_bf16.lab.tasks.base import MIXED, STOCK
 
 # A hand-written discussion next to the generated report; linked when present.
 DISCUSSION = "results_discussion.md"
 LABELS = {
     "float32": "float32",
+    MIXED: "mixed_bfloat16",
     "nearest": "bf16 nearest",
     "stochastic": "bf16 SR",
     "kahan": "bf16 Kahan",
     STOCK: "bf16 stock Keras",
 }
-COLORS = {"float32": "black", "nearest": "tab:red", "stochastic": "tab:blue",
+COLORS = {"float32": "black", MIXED: "tab:purple", "nearest": "tab:red", "stochastic": "tab:blue",
           "kahan": "tab:green", STOCK: "tab:gray"}
 
 NEAREST_FOOTNOTE = (
@@ -33,6 +34,29 @@ NEAREST_FOOTNOTE = (
     "never moves a weight in pure bf16 (beta_2 = 0.999 rounds to 1.0 in bf16, so every step "
     "is 0) and stock SGD's momentum 0.9 becomes 0.898; `--include-stock` adds the stock "
     "Keras column.")
+
+
+MIXED_FOOTNOTE = (
+    "mixed_bfloat16 = Keras's \"mixed_bfloat16\" policy with the stock Keras optimizer: "
+    "float32 weights and optimizer state (the master copy), bf16 compute.")
+
+
+def variant_notes(variants):
+    """The notes on the variants shown: nearest's always, mixed_bfloat16's when present."""
+    return NEAREST_FOOTNOTE + (" " + MIXED_FOOTNOTE if MIXED in variants else "")
+
+
+def learning_rate_text(cfg):
+    """The learning rate of a config: its number, a schedule's class, or the
+    optimizer's default."""
+    if cfg.get("learning_rate") is not None:
+        return str(cfg["learning_rate"])
+    value = (cfg.get("optimizer_kwargs") or {}).get("learning_rate")
+    if value is None:
+        return "default"
+    if isinstance(value, dict):
+        return value.get("class_name", "schedule")
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def format_metric(task, value):
@@ -73,7 +97,7 @@ def compare_table(task, results):
 def _heading(task, cfg, seed):
     better = "higher" if task.higher_is_better else "lower"
     return (f"{task.name}: {_sentence(task.summary)} Metric: {task.metric} ({better} is better). "
-            f"{cfg['optimizer']} lr {cfg['learning_rate']}, {_epochs(cfg['epochs'])}, "
+            f"{cfg['optimizer']} lr {learning_rate_text(cfg)}, {_epochs(cfg['epochs'])}, "
             f"batch {cfg['batch_size']}, seed {seed}"
             + (", reduced configuration" if cfg["reduced"] else ""))
 
@@ -90,7 +114,7 @@ def compare_text(task, summary):
              "share of trainable weights that differ from their initial value; last 10%: "
              "share that the last 10% of the steps changed (round-to-nearest leaves a weight "
              "untouched when every update was below half an ulp of it).",
-             NEAREST_FOOTNOTE]
+             variant_notes(results)]
     info = next(iter(results.values()))["task_info"]
     if info:
         lines.append(f"data: {info_text(info)}")
@@ -109,10 +133,40 @@ def compare_markdown(task, summary):
         "Gap: variant - float32. B/param: training-state bytes per parameter (trainable "
         "weights + optimizer slots + Kahan buffers, from the variables). Weights moved: share "
         "of trainable weights that differ from their initial value; last 10%: share that the "
-        "last 10% of the steps changed. " + NEAREST_FOOTNOTE,
+        "last 10% of the steps changed. " + variant_notes(results),
         ""] + ([f"Data: {info_text(info)}.", ""] if info else []) + [
         f"Machine: {common.machine_line(summary['machine'])}. Command: `{summary['command']}`. "
         f"Total {summary['elapsed_s']:.1f} s.", ""])
+
+
+def write_compare(task, summary, out=None, json_path=None, markdown_path=None):
+    """The files of one `compare` run; returns their paths.
+
+    `out`: a directory for results.json, results.md and curves.png (the plot
+    last: a failure while plotting must not lose the results); `json_path`,
+    `markdown_path`: extra copies of the JSON and of the Markdown table.
+    """
+    md = compare_markdown(task, summary)
+    files = []
+    if out:
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "results.json"), summary)
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(md + "\n![learning curves](curves.png)\n")
+        files += [os.path.join(out, "results.json"), os.path.join(out, "results.md")]
+    if json_path:
+        write_json(json_path, summary)
+        files.append(json_path)
+    if markdown_path:
+        os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
+        with open(markdown_path, "w") as f:
+            f.write(md)
+        files.append(markdown_path)
+    if out:
+        png = os.path.join(out, "curves.png")
+        plot_compare(png, task, summary)
+        files.append(png)
+    return files
 
 
 def plot_compare(path, task, summary):
@@ -374,7 +428,7 @@ def results_markdown(report, all_tasks, output):
             "update, as the tf_bf16 optimizers do; see `compare --help`); "
             "bf16 SR / Kahan = `tf_bf16.set_policy()` (every variable bf16, BatchNorm "
             "statistics stored with stochastic rounding) with the tf_bf16 optimizer and that "
-            "rounding. " + NEAREST_FOOTNOTE, ""]
+            "rounding. " + variant_notes(variants), ""]
     if report["unavailable"]:
         out += ["## Tasks not run", "", "| task | why |", "| --- | --- |"]
         for name, message in report["unavailable"].items():
@@ -388,7 +442,7 @@ def results_markdown(report, all_tasks, output):
                 + (f" Paper application: {task.paper_application}." if task.paper_application
                    else ""),
                 f"Metric: {task.metric} ({'higher' if task.higher_is_better else 'lower'} is "
-                f"better). {cfg['optimizer']} lr {cfg['learning_rate']}, "
+                f"better). {cfg['optimizer']} lr {learning_rate_text(cfg)}, "
                 f"{_epochs(cfg['epochs'])}, batch {cfg['batch_size']}"
                 + (f", {cfg['steps_per_epoch']} steps/epoch" if cfg["steps_per_epoch"] else "")
                 + f"; {entry['elapsed_s']:.0f} s for all runs.", ""]

@@ -3,7 +3,7 @@
 import importlib
 import pkgutil
 
-from tf_bf16.lab.tasks.base import VARIANTS, Task, TaskData  # noqa: F401
+from tf_bf16.lab.tasks.base import MIXED, STOCK, VARIANTS, Task, TaskData  # noqa: F401
 
 
 def all_tasks():

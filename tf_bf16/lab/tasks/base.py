@@ -3,7 +3,7 @@
 A task is one module in tf_bf16/lab/tasks/ that defines a module-level ``TASK``
 (an instance of a ``Task`` subclass). ``tf_bf16.lab.tasks.all_tasks()`` discovers
 them. The runner (tf_bf16/lab/runner.py) trains the same model, data order and
-seed four ways (``VARIANTS``) and owns the dtype policy, the progress bars and
+seed several ways (``VARIANTS``) and owns the dtype policy, the progress bars and
 the timing; tf_bf16/lab/report.py the outputs. A task only says what to train,
 how to score it, and what it needs (``requires``, ``available``).
 
@@ -17,11 +17,15 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from tf_bf16.lab import common
 
 # float32: Keras defaults (float32 policy), the stock Keras optimizer.
+# mixed_bfloat16: Keras's "mixed_bfloat16" policy (float32 variables, bf16
+#          compute) and the stock Keras optimizer: the usual alternative, with
+#          float32 master weights and optimizer state (12 B/param with Adam).
 # nearest: pure bf16 (keras "bfloat16" policy), round-to-nearest updates: what
 #          plain bf16 training gives (tf_bf16 optimizer with rounding="nearest",
 #          so that Keras's bf16 Adam bug does not hide the rounding effect).
 # stochastic / kahan: tf_bf16.set_policy() and the tf_bf16 optimizer.
-VARIANTS = ("float32", "nearest", "stochastic", "kahan")
+MIXED = "mixed_bfloat16"
+VARIANTS = ("float32", MIXED, "nearest", "stochastic", "kahan")
 # stock: Keras "bfloat16" policy with the stock Keras optimizer (compare
 #        --include-stock): what Keras gives today.
 STOCK = "stock"
@@ -49,7 +53,8 @@ class Task:
     paper_application: str = ""  # which of the paper's seven applications it mirrors
     metric: str = ""             # e.g. "test accuracy", "bits/char", "distance to optimum"
     higher_is_better: bool = True
-    optimizer: str = "sgd"       # "sgd" (momentum 0.9) or "adam" / "adamw"
+    optimizer: str = "sgd"       # "sgd" (momentum 0.9 unless optimizer_kwargs say otherwise),
+                                 # "adam", "adamw" or "lion"
     learning_rate: float = 0.01
     epochs: int = 1
     batch_size: int = 32
@@ -92,6 +97,10 @@ class Task:
     def loss(self):
         """The Keras loss for model.compile."""
         raise NotImplementedError
+
+    def compile_arguments(self, model):
+        """The arguments of ``model.compile`` besides the optimizer (default: the loss)."""
+        return {"loss": self.loss()}
 
     def evaluate(self, model, data: TaskData) -> float:
         """The task's metric on the held-out data."""
