@@ -72,7 +72,7 @@ class Adam(base.Bf16Optimizer, keras.optimizers.Adam):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
-        name="adam",
+        name=None,
         rounding="kahan",
         seed=None,
         **kwargs,
