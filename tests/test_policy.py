@@ -173,8 +173,9 @@ def test_keep_float32_pattern_on_variable_paths():
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert model.get_layer("head").kernel.dtype == "float32"
     slots = {v.path: v.dtype for v in model.optimizer.variables}
-    assert slots["adam/head_kernel_momentum"] == "float32"
-    assert slots["adam/body_kernel_momentum"] == "bfloat16"
+    prefix = model.optimizer.name   # Keras's automatic name: "adam", "adam_1", ...
+    assert slots[f"{prefix}/head_kernel_momentum"] == "float32"
+    assert slots[f"{prefix}/body_kernel_momentum"] == "bfloat16"
     # Only the head is exempt: a float32 BatchNormalization is still refused.
     tf_bf16.set_policy(keep_float32=["^head/"])
     other = mixed_model(bn_dtype="float32")
