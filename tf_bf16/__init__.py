@@ -9,8 +9,10 @@
 and Kahan summation); ``tf_bf16.reference`` a pure-TensorFlow implementation of
 the same specification (docs/rounding.md); ``tf_bf16.losses`` the bf16
 softmax cross-entropy; ``tf_bf16.audit(model)`` (package ``tf_bf16.auditing``)
-reports what a training step still stores and computes in 32 bits. The
-compiled op library is loaded on first use.
+reports what a training step still stores and computes in 32 bits;
+``tf_bf16.export(model, path)`` writes a SavedModel with float32 outputs (or,
+with ``format="litert"``, a TFLite model of a float32 copy). The compiled op
+library is loaded on first use.
 """
 
 __version__ = "0.1.0"
@@ -28,3 +30,5 @@ from tf_bf16.policy import reset_policy  # noqa: E402,F401
 from tf_bf16.policy import set_policy  # noqa: E402,F401
 from tf_bf16.auditing import AuditReport  # noqa: E402,F401
 from tf_bf16.auditing import audit  # noqa: E402,F401
+from tf_bf16.serving import export  # noqa: E402,F401
+from tf_bf16.serving import float32_copy  # noqa: E402,F401
