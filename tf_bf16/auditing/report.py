@@ -10,6 +10,7 @@ Not here: how the rows are computed (inventory.py, trace.py, fixes.py).
 
 import dataclasses
 import json
+import re
 import textwrap
 
 import numpy as np
@@ -337,16 +338,15 @@ class AuditReport:
         heading("Fixes (each once; to_text() explains them and lists every row)")
         for fix in self.fixes:
             where = fix.groups[0] if len(fix.groups) == 1 else f"{len(fix.groups)} groups"
-            first = fix.how.split(". ")[0].rstrip(".") + "."
+            first = re.split(r"(?<=[a-z0-9)])\. (?=[A-Z])", fix.how)[0].rstrip(".") + "."
             line = f"[{fix.sound}] {fix.finding} -- {where}"
             if markdown:
                 out.append(f"- {line}: {first}")
             else:
-                # The fix itself ("yes") in full; the reasons against, their first lines.
+                # The fix itself ("yes") in full; the reasons against, their first line.
                 lines = textwrap.wrap(first, width=94)
-                if fix.sound != "yes" and len(lines) > 2:
-                    lines = lines[:2]
-                    lines[1] += " ..."
+                if fix.sound != "yes" and len(lines) > 1:
+                    lines = [lines[0] + " ..."]
                 out.append(line)
                 out.extend("      " + text for text in lines)
         return "\n".join(out) + "\n"
