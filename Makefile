@@ -16,6 +16,11 @@ STAMP := .make-install.stamp
 install: $(STAMP)
 $(STAMP): setup.py Makefile $(wildcard cc/*/*.cc cc/*/*.h)
 	$(PIP) install -q "$(TF_PACKAGE)" "keras==3.15.1"
+	# keras-hub (examples/keras_hub_gpt2.py, tests/test_keras_hub.py) without its
+	# dependencies: its tensorflow-text needs the full tensorflow wheel, which
+	# would overwrite tensorflow-cpu; what it needs here is listed instead.
+	$(PIP) install -q --no-deps "keras-hub==0.32.0"
+	$(PIP) install -q "tokenizers==0.23.3" "sentencepiece==0.2.3" regex
 	$(MAKE) build
 	touch $(STAMP)
 

@@ -158,7 +158,7 @@ def test_bookkeeping_metrics_and_fused_updates_are_labelled_apart(bf16_cnn):
 
 
 def test_fixes_say_which_findings_have_a_sound_fix(bf16_cnn):
-    report, _ = bf16_cnn
+    report, model = bf16_cnn
     verdict = {fix.group: fix for fix in report.fixes}
     batch_norm = next(f for f in report.fixes if f.finding.startswith("BatchNormalization"))
     layer_norm = next(f for f in report.fixes if f.finding.startswith("LayerNormalization"))
@@ -166,7 +166,9 @@ def test_fixes_say_which_findings_have_a_sound_fix(bf16_cnn):
     assert "not sound" in layer_norm.how
     loss = verdict["loss: sparse_categorical_crossentropy"]
     assert loss.sound == "yes" and "bf16_loss" in loss.how
-    assert verdict["adam"].sound == "no"  # the fused update: float32 registers by design
+    # The fused update (float32 registers by design), in the group of the optimizer's
+    # name (Keras's automatic name: "adam", "adam_1", ...).
+    assert verdict[model.optimizer.name].sound == "no"
 
 
 def test_report_prints_aligned_text_markdown_and_json(bf16_cnn):
@@ -310,3 +312,144 @@ def test_audit_and_the_bf16_loss_are_exported():
     assert tf_bf16.AuditReport is AuditReport
     assert isinstance(audit_function(small_cnn(), trace=False), AuditReport)
     assert tf_bf16.losses.bf16_loss is bf16_loss
+
+
+# ---------------------------------------------------------------------------
+# What fit accepts; layer paths; each fix once; the summary mode
+
+
+@keras.saving.register_keras_serializable(package="tf_bf16_tests")
+class Block(keras.layers.Layer):
+    """A GPT-2 block: every block has sublayers with the same names (ln_1, attn, ...)."""
+
+    def __init__(self, width, heads, **kwargs):
+        super().__init__(**kwargs)
+        self.ln_1 = keras.layers.LayerNormalization(name="ln_1")
+        self.attn = keras.layers.MultiHeadAttention(heads, width // heads, name="attn")
+        self.ln_2 = keras.layers.LayerNormalization(name="ln_2")
+        self.mlp_in = keras.layers.Dense(4 * width, activation="gelu", name="mlp_in")
+        self.mlp_out = keras.layers.Dense(width, name="mlp_out")
+
+    def call(self, x, mask):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, attention_mask=mask, use_causal_mask=True)
+        return x + self.mlp_out(self.mlp_in(self.ln_2(x)))
+
+
+def gpt2_like(vocabulary=64, length=16, width=32, heads=2, layers=2):
+    """Dict inputs as in keras-hub ({"token_ids", "padding_mask"}), logits out."""
+    token_ids = keras.Input((length,), dtype="int32", name="token_ids")
+    padding_mask = keras.Input((length,), dtype="bool", name="padding_mask")
+    x = keras.layers.Embedding(vocabulary, width, name="token_embedding")(token_ids)
+    x = x + keras.layers.Embedding(length, width, name="position_embedding")(
+        keras.ops.arange(length)[None, :])
+    mask = keras.ops.logical_and(padding_mask[:, None, :], padding_mask[:, :, None])
+    for index in range(layers):
+        x = Block(width, heads, name=f"block_{index}")(x, mask)
+    x = keras.layers.LayerNormalization(name="ln_f")(x)
+    logits = keras.layers.Dense(vocabulary, name="lm_head")(x)
+    return keras.Model({"token_ids": token_ids, "padding_mask": padding_mask}, logits,
+                       name="gpt2_like")
+
+
+def gpt2_like_data(n=8, length=16, vocabulary=64, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocabulary, (n, length + 1))
+    x = {"token_ids": tokens[:, :-1].astype("int32"),
+         "padding_mask": np.ones((n, length), bool)}
+    return x, tokens[:, 1:], rng.uniform(0.5, 1.5, (n, length)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def gpt2_like_compiled():
+    tf_bf16.set_policy()
+    try:
+        keras.utils.set_random_seed(1)
+        model = gpt2_like()
+        model.compile(tf_bf16.optimizers.AdamW(1e-3, seed=2), loss=sparse_logits_loss(),
+                      weighted_metrics=["accuracy"])
+        x, y, weights = gpt2_like_data()
+        report = audit_function(model, x, y, sample_weight=weights)
+    finally:
+        tf_bf16.reset_policy()
+    return model, report
+
+
+def _rows(report):
+    return [(r.group, r.phase, r.op_type, r.dtype, r.count, r.elements) for r in report.float_ops]
+
+
+def test_audit_accepts_what_fit_accepts(gpt2_like_compiled):
+    """Dict arrays, a tf.data dataset of (x, y, sample_weight), a generator, and a
+    batch of a larger array: the same traced step, op for op."""
+    model, report = gpt2_like_compiled
+    x, y, weights = gpt2_like_data()
+    assert "token_ids: int32 (8, 16)" in report.sample and "sample_weight" in report.sample
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(8)
+
+    def generator():
+        while True:
+            yield x, y, weights
+
+    big_x, big_y, big_weights = gpt2_like_data(n=40)
+    tf_bf16.set_policy()
+    for given in (dict(x=dataset), dict(x=generator()),
+                  dict(x=big_x, y=big_y, sample_weight=big_weights, batch_size=8)):
+        other = audit_function(model, **given)
+        assert _rows(other) == _rows(report), given.keys()
+    # Without a batch: zeros in the model's input structure (a dict), batch 2.
+    zeros = audit_function(model)
+    assert "token_ids: int32 (2, 16)" in zeros.sample and "zeros" in zeros.sample
+    assert {r.group for r in zeros.float_ops} == {r.group for r in report.float_ops}
+
+
+def test_audit_accepts_tuple_inputs():
+    first, second = keras.Input((3,), name="a"), keras.Input((5,), name="b")
+    joined = keras.layers.Concatenate()([keras.layers.Dense(4)(first), second])
+    model = keras.Model((first, second), keras.layers.Dense(1)(joined))
+    model.compile(tf_bf16.optimizers.SGD(0.1, seed=1), loss="mse")
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 3)).astype("float32"),
+         rng.standard_normal((6, 5)).astype("float32"))
+    report = audit_function(model, x, rng.standard_normal((6, 1)).astype("float32"))
+    assert "float32 (6, 3), float32 (6, 5)" in report.sample
+    model.fit(x, np.zeros((6, 1), "float32"), verbose=0)   # what fit accepts
+
+
+def test_groups_and_owners_are_layer_paths(gpt2_like_compiled):
+    """Every block has an 'ln_1': the report tells them apart by path."""
+    _, report = gpt2_like_compiled
+    layer_norm_groups = {r.group for r in report.float_ops if r.group_class == "LayerNormalization"}
+    assert layer_norm_groups == {"block_0/ln_1", "block_0/ln_2", "block_1/ln_1", "block_1/ln_2",
+                                 "ln_f"}
+    owners = {r.owner for r in report.variables if r.path.endswith("ln_1/gamma")}
+    assert owners == {"block_0/ln_1", "block_1/ln_1"}
+    keys = [(r.group, r.phase, r.op_type, r.dtype) for r in report.float_ops]
+    assert len(keys) == len(set(keys))   # no two rows with the same name
+
+
+def test_each_fix_is_said_once(gpt2_like_compiled):
+    _, report = gpt2_like_compiled
+    findings = [fix.finding for fix in report.fixes]
+    assert len(findings) == len(set(findings))
+    (layer_norm,) = [f for f in report.fixes if f.finding.startswith("LayerNormalization")]
+    assert layer_norm.groups == ["block_0/ln_1", "block_0/ln_2", "block_1/ln_1",
+                                 "block_1/ln_2", "ln_f"]
+    assert layer_norm.group == ", ".join(layer_norm.groups)
+    for text in (report.to_text(), report.to_markdown().replace("\\|", "|")):
+        assert " ".join(text.split()).count(" ".join(layer_norm.how.split())) == 1
+    assert "5 LayerNormalization layers" in report.summary
+
+
+def test_summary_mode_fits_on_a_screen(gpt2_like_compiled):
+    _, report = gpt2_like_compiled
+    full, summary = report.to_text(), report.to_text(detail="summary")
+    assert len(summary.splitlines()) <= 50 < len(full.splitlines())
+    for section in ("Summary:", "Variables by role", "8.00 B/parameter",
+                    "float32/float64 compute by class", "LayerNormalization", "Fixes"):
+        assert section in summary
+    assert report.summary.split(";")[0] in summary.replace("\n", " ")
+    markdown = report.to_markdown(detail="summary")
+    assert "| LayerNormalization | layer | 5 |" in markdown
+    with pytest.raises(ValueError, match="detail"):
+        report.to_text(detail="short")

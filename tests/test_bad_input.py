@@ -123,7 +123,7 @@ def _raw_call(optimizer, state, gradient, rounding, T=None, indices=None, **over
     args = dict(common, m=state["m"].handle, v=state["v"].handle,
                 vhat=[state["vhat"].handle] if "vhat" in state else [],
                 beta1_power=_f32(0.9 ** 3), beta2_power=_f32(0.999 ** 3), lr=_f32(0.01),
-                beta1=_f32(0.9), beta2=_f32(0.999), epsilon=_f32(1e-7),
+                one_minus_beta1=_f32(0.1), one_minus_beta2=_f32(0.001), epsilon=_f32(1e-7),
                 weight_decay=_f32(0.0), grad=gradient)
     if indices is not None:
         args["indices"] = indices
@@ -275,11 +275,13 @@ BAD_SCALARS = [
     ("adam", "epsilon", "'epsilon'", [np.nan, -1e-7, np.inf]),
     ("adam", "weight_decay", "'weight_decay'", [np.nan, -np.inf]),
     ("amsgrad", "beta_2", "'beta2", [np.nan, np.inf]),
-    # beta_2 = 1 never updates v (stock Keras's bf16 failure); > 1 diverges.
-    ("adam", "beta_2", "'beta2'", [1.0, 1.5, -0.5]),
-    # beta_1 = NaN makes beta_1 ** (step + 1) NaN; beta_1 = 1 divides the bias
-    # correction by zero.
-    ("amsgrad", "beta_1", "'beta1", [np.nan, 1.0]),
+    # beta_2 = 1 never updates v (stock Keras's bf16 failure); > 1 diverges. The
+    # kernel receives 1 - beta_2 (docs/rounding.md 5.3) and names that input.
+    ("adam", "beta_2", "'one_minus_beta2'", [1.0, 1.5, -0.5]),
+    # beta_1 = NaN makes beta_1 ** (step + 1) NaN; beta_1 = 1 would divide the
+    # bias correction by zero.
+    ("amsgrad", "beta_1", "'beta1_power'", [np.nan]),
+    ("amsgrad", "beta_1", "'one_minus_beta1'", [1.0]),
 ]
 
 
@@ -308,7 +310,8 @@ def test_bad_adam_scalars_through_the_raw_op(device, dtype):
     state = _state("amsgrad", dtype, "stochastic")
     grad = _gradient()
     for name, value in [("beta1_power", 1.0), ("beta1_power", np.nan), ("beta2_power", np.inf),
-                        ("beta1", np.nan), ("beta2", -np.inf), ("epsilon", -1.0),
+                        ("one_minus_beta1", np.nan), ("one_minus_beta2", -np.inf),
+                        ("one_minus_beta2", 0.0), ("epsilon", -1.0),
                         ("lr", np.nan)]:
         _expect_invalid(state, lambda: _raw_call("amsgrad", state, grad, "stochastic",
                                                  **{name: _f32(value)}), f"'{name}'")

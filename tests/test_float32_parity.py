@@ -8,6 +8,12 @@ the formulation of TensorFlow's training ops (docs/rounding.md, section 5), so
 for bit, step after step. bfloat16 gradients are loaded exactly, so they must
 give TensorFlow's result for the same gradient cast to float32.
 
+Adam's `1 - beta` is computed as Keras computes it, in beta's own type
+(docs/rounding.md 5.3): the Adam tests pass float32 tensors for the betas, for
+which that is `ResourceApplyAdam`'s float32 subtraction. (With Python floats
+`apply_adam` uses Keras's float64 constant; tests/test_optimizers.py checks
+that against Keras's Adam.)
+
 Finite data (normal values at several scales, subnormals, +-0) is compared
 bit for bit. Non-finite data (NaN, +-Inf, values that overflow) is compared
 bit for bit except for the sign and payload of NaNs, which tf_bf16 makes
@@ -189,8 +195,8 @@ def test_adam_matches_resource_apply_adam(device, gdtype, rounding, kind):
         v, tf_v = _pair(_second_moment(rng, shape, kind))
         for step in range(STEPS):
             g, g32 = _gradient(rng, shape, kind, gdtype)
-            ops.apply_adam(var, g, m, v, LR, beta_1=BETA_1, beta_2=BETA_2, epsilon=EPSILON,
-                           step=step, rounding=rounding)
+            ops.apply_adam(var, g, m, v, LR, beta_1=_f32(BETA_1), beta_2=_f32(BETA_2),
+                           epsilon=EPSILON, step=step, rounding=rounding)
             beta_1_power, beta_2_power = _beta_powers(step)
             tf.raw_ops.ResourceApplyAdam(
                 var=tf_var.handle, m=tf_m.handle, v=tf_v.handle, beta1_power=beta_1_power,
@@ -222,8 +228,8 @@ def test_amsgrad_matches_resource_apply_adam_with_amsgrad(device, gdtype, roundi
             g32 = tf.constant(rng.standard_normal(shape).astype(np.float32))
             g = tf.cast(g32, gdtype)
             g32 = tf.cast(g, tf.float32)
-            ops.apply_adam(var, g, m, v, LR, beta_1=BETA_1, beta_2=BETA_2, epsilon=EPSILON,
-                           step=step, vhat=vhat, rounding=rounding)
+            ops.apply_adam(var, g, m, v, LR, beta_1=_f32(BETA_1), beta_2=_f32(BETA_2),
+                           epsilon=EPSILON, step=step, vhat=vhat, rounding=rounding)
             beta_1_power, beta_2_power = _beta_powers(step)
             tf.raw_ops.ResourceApplyAdamWithAmsgrad(
                 var=tf_var.handle, m=tf_m.handle, v=tf_v.handle, vhat=tf_vhat.handle,

@@ -1,20 +1,15 @@
 """tf_bf16.optimizers against Keras's own optimizers, and in pure bfloat16.
 
 float32 variables: the tf_bf16 optimizers update them exactly, so they must
-reproduce Keras. Where the two use the same float32 formulation the results
-are compared bit for bit; where they differ (docs/rounding.md section 5 uses
-the formulation of TensorFlow's training ops) each side is first checked bit
-for bit against a numpy float32 emulation of its own formula, which proves
-that the formulation is the only difference, and then the two are compared
+reproduce Keras. Each side is first checked bit for bit against a numpy
+float32 emulation of its own formula; where the two formulas are the same
+float32 operations (SGD, Adam, AMSGrad and Lion without weight decay) the
+results are compared bit for bit; where they differ the two are compared
 within a per-element bound derived from that difference (see
-`parity_bound`). The differences are:
-
-- Adam/AdamW: tf_bf16 computes `1 - beta` in float32 from float32(beta), as
-  `ResourceApplyAdam` does; Keras computes `1 - beta` in Python (float64) and
-  rounds the result to float32. For beta_2 = 0.999 the two constants differ by
-  1.3e-5 relative (0.00099998713 against 0.001);
-- decoupled weight decay: folded into the update (one rounding per step)
-  instead of Keras's separate `w -= w * wd * lr` assign.
+`parity_bound`). The one difference: decoupled weight decay is folded into
+the update (one rounding per step) instead of Keras's separate
+`w -= w * wd * lr` assign. (Adam's `1 - beta` constants are Keras's: computed
+in Python float64, then rounded to float32; docs/rounding.md 5.3.)
 
 bfloat16 variables: every optimizer and rounding moves the weights (stock
 Keras Adam does not: NOTES.md), the optimizer state is bfloat16, Kahan buffers
@@ -136,10 +131,8 @@ def emulate(kind, hp, w0s, grads, formulation, ftype=np.float32):
                 traj.append(w)
         elif kind in ("Adam", "AdamW"):
             b1, b2, eps = hp["beta_1"], hp["beta_2"], c(hp["epsilon"])
-            if keras_form:   # Python float64 (1 - beta), then float32
-                omb1, omb2 = c(1 - b1), c(1 - b2)
-            else:            # float32(1) - float32(beta), as ResourceApplyAdam
-                omb1, omb2 = ftype(F32(1) - F32(b1)), ftype(F32(1) - F32(b2))
+            # Both: Python float64 (1 - beta), then float32 (docs/rounding.md 5.3).
+            omb1, omb2 = c(1 - b1), c(1 - b2)
             m, v, vhat = zeros, zeros, zeros
             for t, step in enumerate(grads):
                 g = np.asarray(step[i]).astype(ftype)
@@ -177,10 +170,10 @@ def parity_bound(kind, hp, w0s, grads, keras_trajectories):
 
     Two contributions, added:
 
-    1. The different constants (Adam's 1 - beta): the float64 emulations of
-       both formulations differ by D; float64 rounding is 2^-29 times smaller
-       than float32's, so D is the exact effect of the constants. It is ~0
-       where the math is identical (SGD, Lion, weight decay).
+    1. The different formulas: the float64 emulations of both formulations
+       differ by D; float64 rounding is 2^-29 times smaller than float32's,
+       so D is the exact effect of the formulas. It is ~0 where only the
+       rounding differs (weight decay folded into the update).
     2. float32 rounding: against its float64 counterpart, each side's weight
        picks up at most half an ulp per step when it is committed, and its
        update u_t at most 4t unit roundoffs (<= 4 rounded operations per
@@ -234,8 +227,8 @@ PARITY_CASES = {
     "sgd_momentum": ("SGD", dict(learning_rate=0.1, momentum=0.9), True),
     "sgd_nesterov": ("SGD", dict(learning_rate=0.1, momentum=0.9, nesterov=True), True),
     "sgd_weight_decay": ("SGD", dict(learning_rate=0.1, weight_decay=0.05), False),
-    "adam": ("Adam", dict(learning_rate=0.01), False),
-    "adam_amsgrad": ("Adam", dict(learning_rate=0.01, amsgrad=True), False),
+    "adam": ("Adam", dict(learning_rate=0.01), True),
+    "adam_amsgrad": ("Adam", dict(learning_rate=0.01, amsgrad=True), True),
     "adamw": ("AdamW", dict(learning_rate=0.01, weight_decay=0.1), False),
     "adamw_amsgrad": ("AdamW", dict(learning_rate=0.01, amsgrad=True), False),
     "lion": ("Lion", dict(learning_rate=0.01), True),

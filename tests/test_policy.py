@@ -173,8 +173,9 @@ def test_keep_float32_pattern_on_variable_paths():
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert model.get_layer("head").kernel.dtype == "float32"
     slots = {v.path: v.dtype for v in model.optimizer.variables}
-    assert slots["adam/head_kernel_momentum"] == "float32"
-    assert slots["adam/body_kernel_momentum"] == "bfloat16"
+    prefix = model.optimizer.name   # Keras's automatic name: "adam", "adam_1", ...
+    assert slots[f"{prefix}/head_kernel_momentum"] == "float32"
+    assert slots[f"{prefix}/body_kernel_momentum"] == "bfloat16"
     # Only the head is exempt: a float32 BatchNormalization is still refused.
     tf_bf16.set_policy(keep_float32=["^head/"])
     other = mixed_model(bn_dtype="float32")
@@ -419,3 +420,158 @@ def test_moving_statistics_stall_without_the_fix(float32_statistics):
     assert np.all((mean > 0.27) & (mean < 0.40))
     assert np.all(float32_statistics[0] - mean > 0.05)
     assert np.all(variance - float32_statistics[1] > 0.02)
+
+
+# ---------------------------------------------------------------------------
+# Metrics and initializers under the policy (tf_bf16.keras_hooks)
+
+
+def classifier(classes=5, seed=1):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dense(classes, activation="softmax")])
+
+
+METRIC_CASES = {   # name: (metric factory, sparse labels?)
+    "sparse_top_k": (lambda: keras.metrics.SparseTopKCategoricalAccuracy(k=2), True),
+    "top_k": (lambda: keras.metrics.TopKCategoricalAccuracy(k=2), False),
+    "categorical_crossentropy": (lambda: keras.metrics.CategoricalCrossentropy(), False),
+    "sparse_categorical_crossentropy":
+        (lambda: keras.metrics.SparseCategoricalCrossentropy(), True),
+    "mse": (lambda: keras.metrics.MeanSquaredError(), False),
+    "auc": (lambda: keras.metrics.AUC(), False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(METRIC_CASES))
+def test_compiled_metrics_compute_in_float32_under_the_policy(case):
+    """Each metric's value under the policy is the float32 metric of the bf16
+    predictions: the same number as computing it yourself on
+    `cast(predict(x), float32)` (one batch, so the same float32 operations)."""
+    make_metric, sparse = METRIC_CASES[case]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 4)).astype("float32")
+    labels = rng.integers(0, 5, 64)
+    y = labels if sparse else np.eye(5, dtype="float32")[labels]
+    tf_bf16.set_policy()
+    model = classifier()
+    model.compile(bf16_optimizers.SGD(0.01, seed=1),
+                  loss="sparse_categorical_crossentropy" if sparse else "categorical_crossentropy",
+                  metrics=[make_metric()])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)   # trains (top-k failed here)
+    value = model.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+    predictions = model.predict(x, batch_size=64, verbose=0)
+    assert predictions.dtype == np.dtype(tf.bfloat16.as_numpy_dtype)
+    reference = make_metric()
+    assert reference.dtype == "float32"
+    reference.update_state(y, tf.cast(predictions, tf.float32))
+    name = [k for k in value if k != "loss"][0]
+    assert value[name] == pytest.approx(float(reference.result()), rel=1e-6, abs=1e-7)
+
+
+def test_metrics_keep_the_keras_mask_under_the_policy():
+    """A masked sequence model: the float32 cast keeps the mask, so padded steps
+    are left out of the metric as in float32."""
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(1, 20, (32, 6))
+    tokens[:, 4:] = 0                      # the last two steps are padding
+    labels = rng.integers(0, 3, (32, 6))
+    tf_bf16.set_policy()
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential([keras.Input((6,), dtype="int32"),
+                              keras.layers.Embedding(20, 8, mask_zero=True),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(bf16_optimizers.SGD(0.01, seed=1), loss="sparse_categorical_crossentropy",
+                  metrics=["sparse_categorical_accuracy"])
+    value = model.evaluate(tokens, labels, batch_size=32, verbose=0, return_dict=True)
+    predicted = np.argmax(np.asarray(tf.cast(model.predict(tokens, verbose=0), tf.float32)), -1)
+    mask = tokens != 0
+    masked = np.mean((predicted == labels)[mask])
+    unmasked = np.mean(predicted == labels)
+    assert masked != unmasked              # the premise: the mask changes the value
+    assert value["sparse_categorical_accuracy"] == pytest.approx(masked, abs=1e-6)
+
+
+def test_metric_state_stays_float32_and_strict_mode_accepts_it():
+    tf_bf16.set_policy()
+    model = classifier()
+    model.compile(bf16_optimizers.Adam(seed=1), loss="sparse_categorical_crossentropy",
+                  metrics=[keras.metrics.SparseTopKCategoricalAccuracy(k=2)])
+    x, _ = data(32, 4, 1)
+    model.fit(x, np.arange(32) % 5, epochs=1, verbose=0)   # strict check passed
+    assert {keras.backend.standardize_dtype(v.dtype) for v in model.metrics_variables} == {
+        "float32"}
+    assert {keras.backend.standardize_dtype(v.dtype) for v in model.trainable_variables} == {
+        "bfloat16"}
+
+
+def keras_initializers():
+    """Every initializer class Keras 3.15 exports, with arguments it needs."""
+    import inspect
+
+    arguments = {"Constant": dict(value=0.5), "STFT": dict(side="real")}
+    found = {}
+    for name in dir(keras.initializers):
+        cls = getattr(keras.initializers, name)
+        if (inspect.isclass(cls) and issubclass(cls, keras.initializers.Initializer)
+                and cls is not keras.initializers.Initializer):
+            if "seed" in inspect.signature(cls).parameters:
+                arguments.setdefault(name, {})["seed"] = 7
+            found.setdefault(cls, (name, arguments.get(name, {})))
+    return sorted(found.values())
+
+
+SHAPES = [(6, 6), (9, 4), (3, 3, 4, 8), (16, 1, 10)]
+
+
+@pytest.mark.parametrize("name,arguments", keras_initializers(), ids=lambda v: str(v))
+def test_every_keras_initializer_works_under_the_policy_where_it_works_in_float32(
+        name, arguments):
+    assert len(keras_initializers()) >= 15     # the list is Keras's, not a handful
+    tried = 0
+    for shape in SHAPES:
+        try:
+            float32_value = getattr(keras.initializers, name)(**arguments)(shape, "float32")
+        except ValueError:                     # a shape it refuses in float32 too
+            continue
+        tf_bf16.set_policy()
+        value = getattr(keras.initializers, name)(**arguments)(shape, dtype="bfloat16")
+        tf_bf16.reset_policy()
+        tried += 1
+        assert value.dtype == tf.bfloat16 and tuple(value.shape) == shape
+        if name == "Orthogonal":
+            # Drawn in float32 and rounded to nearest: the float32 draw, in bf16.
+            assert_bits_equal(value, tf.cast(float32_value, tf.bfloat16), f"{name} {shape}")
+    assert tried > 0
+
+
+def test_orthogonal_without_the_policy_is_keras_as_is():
+    """The hook does nothing once the policy is off: stock Keras has no bf16 QR."""
+    tf_bf16.set_policy()
+    tf_bf16.reset_policy()
+    with pytest.raises(Exception, match="bfloat16"):
+        keras.initializers.Orthogonal(seed=1)((4, 4), dtype="bfloat16")
+    assert keras.initializers.Orthogonal(seed=1)((4, 4), dtype="float32").dtype == tf.float32
+
+
+@pytest.mark.parametrize("layer", ["LSTM", "GRU", "SimpleRNN"])
+def test_recurrent_layers_with_default_initializers_train_under_the_policy(layer):
+    tf_bf16.set_policy()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 7, 3)).astype("float32")
+    y = x.sum(axis=(1, 2))[:, None] / 5
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((7, 3)), getattr(keras.layers, layer)(8),
+                              keras.layers.Dense(1)])
+    # The default recurrent_initializer is Orthogonal: rows orthonormal (R R^T = I)
+    # up to the bf16 rounding E of each entry, |E_ij| <= 2^-8 |R_ij|, so by
+    # Cauchy-Schwarz on unit rows |R R^T - I| <= 2 * 2^-8 + 2^-16 per entry.
+    recurrent = np.asarray(tf.cast(model.layers[0].cell.recurrent_kernel, tf.float64))
+    assert recurrent.shape[0] == 8
+    gram = recurrent @ recurrent.T
+    assert np.max(np.abs(gram - np.eye(8))) <= 2 * 2.0**-8 + 2.0**-16
+    model.compile(bf16_optimizers.Adam(0.01, seed=1), loss="mse")
+    history = model.fit(x, y, batch_size=8, epochs=6, verbose=0).history["loss"]
+    assert {keras.backend.standardize_dtype(v.dtype) for v in model.trainable_variables} == {
+        "bfloat16"}
+    assert np.all(np.isfinite(history)) and history[-1] < history[0]

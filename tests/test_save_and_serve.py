@@ -9,7 +9,10 @@
   the stochastic-rounding bits are keyed on (seed, iteration, variable), all
   saved, for the weights and for BatchNormalization's moving statistics;
 - `model.export()` gives a SavedModel whose `serve` returns bf16 outputs equal
-  bit for bit to `model.predict` and `model(x)`, loadable without tf_bf16.
+  bit for bit to `model.predict` and `model(x)`, loadable without tf_bf16;
+- `tf_bf16.export()` gives the same outputs in float32 (exactly), and, with
+  `format="litert"`, a TFLite model of a float32 copy whose outputs are within
+  a bound derived from bf16's unit roundoff of the bf16 model's.
 """
 
 import os
@@ -312,3 +315,128 @@ def test_export_serves_the_same_bf16_outputs(tmp_path):
          str(tmp_path / "x.npy")], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "ok"
+
+
+# ---------------------------------------------------------------------------
+# tf_bf16.export: float32 outputs, and the route to TFLite
+
+
+def test_tf_bf16_export_serves_float32_outputs(tmp_path):
+    """The SavedModel runs the bf16 model and casts its outputs to float32: the
+    cast is exact, so the float32 outputs are the bf16 outputs, bit for bit."""
+    tf_bf16.set_policy()
+    model, x = conv_model()
+    predicted = model.predict(x, verbose=0)
+    loaded = {}
+    for outputs in ("float32", "bfloat16"):
+        path = tf_bf16.export(model, str(tmp_path / outputs), outputs=outputs, verbose=False)
+        loaded[outputs] = tf.saved_model.load(path)
+        served = loaded[outputs].serve(tf.constant(x))
+        assert served.dtype == tf.as_dtype(outputs)
+        assert_bits_equal(served, tf.cast(predicted, outputs), f"serve ({outputs}) vs predict")
+    with pytest.raises(ValueError, match="outputs"):
+        tf_bf16.export(model, str(tmp_path / "x"), outputs="float16")
+
+
+def test_tf_bf16_export_of_a_dict_input_model(tmp_path):
+    tf_bf16.set_policy()
+    keras.utils.set_random_seed(3)
+    inputs = {"a": keras.Input((3,), name="a"), "b": keras.Input((2,), name="b")}
+    joined = keras.layers.Concatenate()([inputs["a"], inputs["b"]])
+    model = keras.Model(inputs, {"y": keras.layers.Dense(2, name="y")(joined),
+                                 "z": keras.layers.Dense(1, name="z")(joined)})
+    rng = np.random.default_rng(2)
+    x = {"a": rng.standard_normal((5, 3)).astype("float32"),
+         "b": rng.standard_normal((5, 2)).astype("float32")}
+    predicted = model.predict(x, verbose=0)
+    loaded = tf.saved_model.load(tf_bf16.export(model, str(tmp_path / "m"), verbose=False))
+    served = loaded.serve({k: tf.constant(v) for k, v in x.items()})
+    for key in ("y", "z"):
+        assert served[key].dtype == tf.float32
+        assert_bits_equal(served[key], tf.cast(predicted[key], tf.float32), key)
+
+
+def mlp_trained_in_bf16():
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(3)])
+    model.compile(optimizer=bf16_optimizers.Adam(1e-2, seed=5), loss="mse")
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((256, 4)).astype("float32")
+    model.fit(x, np.tanh(x[:, :3] * 2), batch_size=32, epochs=3, verbose=0)
+    return model, rng.standard_normal((64, 4)).astype("float32")
+
+
+def run_tflite(path, x):
+    interpreter = tf.lite.Interpreter(model_path=path)
+    (inputs,), (outputs,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.resize_tensor_input(inputs["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inputs["index"], x)
+    interpreter.invoke()
+    return interpreter.get_tensor(outputs["index"])
+
+
+def bf16_rounding_bound(model, x):
+    """Elementwise bound on |bf16 model(x) - exact float32 model(x)| for
+    Dense(relu) -> Dense with bf16 weights (exact in both), from bf16's unit
+    roundoff u = 2^-8 (Higham's gamma_n = n u / (1 - n u) for a length-n dot
+    product plus bias, whatever the summation order or accumulator, as long as
+    each operation is rounded to at least bf16 precision):
+
+        E1 = gamma(n0 + 1) (|W1|^T |x16| + |b1|) + |W1|^T |x16 - x|   (x16: x in bf16)
+        E2 = gamma(n1 + 1) (|W2|^T (|h| + E1) + |b2|) + |W2|^T E1       (relu: 1-Lipschitz)
+
+    plus the float32 copy's own rounding, gamma_n with u = 2^-24 on the same
+    magnitudes."""
+    (w1, b1), (w2, b2) = [[np.asarray(tf.cast(w, tf.float64)) for w in layer.weights]
+                          for layer in model.layers]
+    x64 = x.astype(np.float64)
+    x16 = np.asarray(tf.cast(tf.cast(x, tf.bfloat16), tf.float64))
+
+    def gamma(n, u):
+        return n * u / (1 - n * u)
+
+    u16, u32 = 2.0**-8, 2.0**-24
+    h = np.maximum(x16 @ w1 + b1, 0)
+    e1 = gamma(w1.shape[0] + 1, u16) * (np.abs(x16) @ np.abs(w1) + np.abs(b1)) \
+        + np.abs(x16 - x64) @ np.abs(w1)
+    e2 = gamma(w2.shape[0] + 1, u16) * ((np.abs(h) + e1) @ np.abs(w2) + np.abs(b2)) \
+        + e1 @ np.abs(w2)
+    magnitude = (np.abs(x64) @ np.abs(w1) + np.abs(b1)) @ np.abs(w2) + np.abs(b2)
+    return e2 + gamma(w1.shape[0] + w2.shape[0] + 2, u32) * magnitude
+
+
+def test_tflite_route_is_a_float32_copy_within_the_bf16_rounding_bound(tmp_path):
+    tf_bf16.set_policy()
+    model, x = mlp_trained_in_bf16()
+    predicted = np.asarray(tf.cast(model.predict(x, verbose=0), tf.float64))
+
+    # The premise: the bf16 model itself converts only with Flex ops, which the
+    # TFLite interpreter refuses.
+    direct = str(tmp_path / "bf16.tflite")
+    model.export(direct, format="litert", verbose=False)
+    with pytest.raises(RuntimeError, match="Flex|Select TensorFlow op"):
+        run_tflite(direct, x)
+
+    # The float32 copy: the same weights exactly, the model unchanged.
+    copy = tf_bf16.float32_copy(model)
+    assert {str(w.dtype) for w in copy.weights} == {"float32"}
+    for a, b in zip(copy.weights, model.weights):
+        assert_bits_equal(a.numpy(), tf.cast(b.value, tf.float32), a.path)
+    assert {str(w.dtype) for w in model.weights} == {"bfloat16"}
+
+    path = tf_bf16.export(model, str(tmp_path / "model.tflite"), format="litert",
+                          verbose=False)
+    served = run_tflite(path, x)
+    assert served.dtype == np.float32
+    difference = np.abs(served.astype(np.float64) - predicted)
+    bound = bf16_rounding_bound(model, x)
+    assert np.all(difference <= bound), np.max(difference / bound)
+    assert difference.max() > 0     # the copy computes in float32, not in bf16
+    # The figures README ("Serving") quotes (pytest -s prints them).
+    print(f"\nTFLite float32 copy vs bf16 model, {x.shape[0]} rows: max |difference| "
+          f"{difference.max():.3g} (outputs up to {np.abs(predicted).max():.3g}), median "
+          f"{np.median(difference):.3g}, at most {np.max(difference / bound):.1%} of the bound")
+    with pytest.raises(ValueError, match="float32"):
+        tf_bf16.export(model, str(tmp_path / "m.tflite"), format="litert", outputs="bfloat16")

@@ -12,7 +12,9 @@ softmax cross-entropy; ``tf_bf16.audit(model)`` (package ``tf_bf16.auditing``)
 reports what a training step still stores and computes in 32 bits;
 ``tf_bf16.compare(build_model, data)`` (module ``tf_bf16.comparing``) trains
 your model in float32, mixed_bfloat16 and pure bf16 and compares them (it
-imports the tools of ``tf_bf16.lab`` when called, not before). The compiled op
+imports the tools of ``tf_bf16.lab`` when called, not before);
+``tf_bf16.export(model, path)`` writes a SavedModel with float32 outputs (or,
+with ``format="litert"``, a TFLite model of a float32 copy). The compiled op
 library is loaded on first use.
 """
 
@@ -32,3 +34,5 @@ from tf_bf16.policy import set_policy  # noqa: E402,F401
 from tf_bf16.auditing import AuditReport  # noqa: E402,F401
 from tf_bf16.auditing import audit  # noqa: E402,F401
 from tf_bf16.comparing import compare  # noqa: E402,F401
+from tf_bf16.serving import export  # noqa: E402,F401
+from tf_bf16.serving import float32_copy  # noqa: E402,F401

@@ -120,6 +120,18 @@ def int64_scalar(value, role):
     return tf.cast(value, tf.int64)
 
 
+def one_minus(beta, role):
+    """``1 - beta`` evaluated in beta's own type, then float32 (Keras's Adam).
+
+    Keras writes ``(g - m) * (1 - self.beta_1)``: for a Python float the
+    difference is computed in float64 and rounded once to float32 (0.001 for
+    beta = 0.999), for a float32 tensor in float32 (``1 - float32(0.999)`` =
+    0.00099998713). tf_bf16 passes the same float32 constant to its ops.
+    """
+    float_scalar(beta, role)  # refuses non-numbers and non-scalars, naming the argument
+    return float_scalar(1 - beta, role)
+
+
 def bias_correction_powers(beta_1, beta_2, step):
     """beta ** (step + 1) in float32, as Keras computes them."""
     local_step = tf.cast(int64_scalar(step, "step") + 1, tf.float32)

@@ -153,6 +153,9 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
     ``alpha = lr * sqrt(1 - beta_2**(step+1)) / (1 - beta_1**(step+1))``
     computed in float32 (so beta_2 = 0.999 is not rounded to 1 as it is in
     bfloat16), the formulation of ``tf.raw_ops.ResourceApplyAdam`` and Keras.
+    ``1 - beta`` is evaluated as Keras's Adam evaluates it, in beta's own
+    type (a Python float: in float64, then rounded to float32; a float32
+    tensor: in float32, as ``ResourceApplyAdam``), and passed to the op.
     With ``vhat`` (AMSGrad) the running maximum of v is used instead of v.
     A non-zero ``weight_decay`` subtracts ``variable * weight_decay * lr``
     (AdamW's decoupled decay).
@@ -186,7 +189,8 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
         compensation=_compensation_list(compensation, variable),
         beta1_power=beta_1_power, beta2_power=beta_2_power,
         lr=_args.float_scalar(learning_rate, "learning_rate"),
-        beta1=_args.float_scalar(beta_1, "beta_1"), beta2=_args.float_scalar(beta_2, "beta_2"),
+        one_minus_beta1=_args.one_minus(beta_1, "beta_1"),
+        one_minus_beta2=_args.one_minus(beta_2, "beta_2"),
         epsilon=_args.float_scalar(epsilon, "epsilon"),
         weight_decay=_args.float_scalar(weight_decay, "weight_decay"),
         seed=_args.int64_scalar(seed, "seed"), step=_args.int64_scalar(step, "step"),

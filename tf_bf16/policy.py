@@ -17,6 +17,10 @@ rounding instead of round-to-nearest (which cancels the ``(1 - momentum)``
 step once it is below half an ulp, so the statistics stall). The random
 stream is keyed on the optimizer's iteration counter and seed and on the
 variable's path, so resumed training draws the same bits. No model change.
+
+Compiled metrics compute in float32 and initializers without a bf16 kernel
+(Keras's `Orthogonal`) draw in float32 and cast, while the policy is active
+(tf_bf16.keras_hooks).
 """
 
 import dataclasses
@@ -27,6 +31,8 @@ import zlib
 
 import keras
 import tensorflow as tf
+
+from tf_bf16 import keras_hooks
 
 _FLOAT_WIDE = ("float32", "float64")
 
@@ -72,6 +78,7 @@ def set_policy(strict=True, keep_float32=(), moving_statistics=True, seed=0):
     _STATE.float32_patterns = tuple(re.compile(p) for p in _as_tuple(keep_float32))
     _STATE.seed = int(seed)
     _install_training_hook()
+    keras_hooks.install(lambda: _STATE.active)
     return keras.config.dtype_policy()
 
 

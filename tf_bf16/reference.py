@@ -188,8 +188,8 @@ def _adam_scalars(learning_rate, beta_1, beta_2, epsilon, weight_decay, step):
     return {
         "lr": lr,
         "alpha": lr * tf.sqrt(1.0 - beta_2_power) / (1.0 - beta_1_power),
-        "one_minus_beta1": 1.0 - _args.float_scalar(beta_1, "beta_1"),
-        "one_minus_beta2": 1.0 - _args.float_scalar(beta_2, "beta_2"),
+        "one_minus_beta1": _args.one_minus(beta_1, "beta_1"),
+        "one_minus_beta2": _args.one_minus(beta_2, "beta_2"),
         "epsilon": _args.float_scalar(epsilon, "epsilon"),
         "weight_decay": _args.float_scalar(weight_decay, "weight_decay"),
     }

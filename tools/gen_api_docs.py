@@ -30,6 +30,7 @@ def _entries():
         ("Optimizers", [optimizers.SGD, optimizers.Adam, optimizers.AdamW, optimizers.Lion]),
         ("Audit", [tf_bf16.audit, tf_bf16.AuditReport]),
         ("Compare", [tf_bf16.compare]),
+        ("Serving", [tf_bf16.export, tf_bf16.float32_copy]),
         ("Losses", [tf_bf16.losses.bf16_loss, tf_bf16.losses.BFloat16SoftmaxCrossEntropy]),
         ("Ops", [ops.stochastic_round, ops.rounded_assign_add, ops.apply_sgd, ops.apply_adam,
                  ops.apply_lion]),

@@ -298,19 +298,21 @@ inline absl::Status ReadSgdScalars(OpKernelContext* ctx, bool use_momentum, bool
 }
 
 inline absl::Status ReadAdamScalars(OpKernelContext* ctx, tf_bf16::AdamScalars* p) {
-  float beta1_power, beta2_power, beta1, beta2;
+  float beta1_power, beta2_power;
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta1_power", &beta1_power));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta2_power", &beta2_power));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "lr", &p->lr, /*non_negative=*/true));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta1", &beta1));
-  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta2", &beta2));
+  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "one_minus_beta1", &p->one_minus_beta1));
+  TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "one_minus_beta2", &p->one_minus_beta2));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "epsilon", &p->epsilon, /*non_negative=*/true));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "weight_decay", &p->weight_decay));
-  if (!(beta1 >= 0.0f && beta1 < 1.0f) || !(beta2 >= 0.0f && beta2 < 1.0f)) {
+  if (!(p->one_minus_beta1 > 0.0f && p->one_minus_beta1 <= 1.0f) ||
+      !(p->one_minus_beta2 > 0.0f && p->one_minus_beta2 <= 1.0f)) {
     return errors::InvalidArgument(
-        "Inputs 'beta1' and 'beta2' must be in [0, 1), got ", beta1, " and ", beta2,
-        " (beta 1 never updates the moment; beta > 1 diverges). The variables were not "
-        "updated.");
+        "Inputs 'one_minus_beta1' and 'one_minus_beta2' must be in (0, 1], got ",
+        p->one_minus_beta1, " and ", p->one_minus_beta2,
+        ": beta_1 and beta_2 must be in [0, 1) (beta 1 never updates the moment; beta > 1 "
+        "diverges). The variables were not updated.");
   }
   if (beta1_power == 1.0f) {
     return errors::InvalidArgument(
@@ -318,10 +320,9 @@ inline absl::Status ReadAdamScalars(OpKernelContext* ctx, tf_bf16::AdamScalars* 
         "beta_1 ** (step + 1) with beta_1 < 1.");
   }
   // Scalar math in float32, in the order of tf.raw_ops.ResourceApplyAdam, on
-  // the host for every device.
+  // the host for every device; 1 - beta comes from the caller, computed as
+  // Keras computes it (docs/rounding.md 5.3).
   p->alpha = p->lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power);
-  p->one_minus_beta1 = 1.0f - beta1;
-  p->one_minus_beta2 = 1.0f - beta2;
   p->weight_decay_mask = tf_bf16::MaskOf(p->weight_decay != 0.0f);
   return absl::OkStatus();
 }

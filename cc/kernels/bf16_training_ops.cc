@@ -754,8 +754,8 @@ class SparseApplyAdamOp : public OpKernel {
                               .HostMemory("beta1_power")                             \
                               .HostMemory("beta2_power")                             \
                               .HostMemory("lr")                                      \
-                              .HostMemory("beta1")                                   \
-                              .HostMemory("beta2")                                   \
+                              .HostMemory("one_minus_beta1")                         \
+                              .HostMemory("one_minus_beta2")                         \
                               .HostMemory("epsilon")                                 \
                               .HostMemory("weight_decay")                            \
                               .HostMemory("seed")                                    \
@@ -806,8 +806,8 @@ class SparseApplyAdamOp : public OpKernel {
                               .HostMemory("beta1_power")                             \
                               .HostMemory("beta2_power")                             \
                               .HostMemory("lr")                                      \
-                              .HostMemory("beta1")                                   \
-                              .HostMemory("beta2")                                   \
+                              .HostMemory("one_minus_beta1")                         \
+                              .HostMemory("one_minus_beta2")                         \
                               .HostMemory("epsilon")                                 \
                               .HostMemory("weight_decay")                            \
                               .HostMemory("seed")                                    \

@@ -109,8 +109,8 @@ REGISTER_OP("TfBf16>ResourceApplyAdam")
     .Input("beta1_power: float")
     .Input("beta2_power: float")
     .Input("lr: float")
-    .Input("beta1: float")
-    .Input("beta2: float")
+    .Input("one_minus_beta1: float")
+    .Input("one_minus_beta2: float")
     .Input("epsilon: float")
     .Input("weight_decay: float")
     .Input("grad: Tgrad")
@@ -123,15 +123,18 @@ REGISTER_OP("TfBf16>ResourceApplyAdam")
     .Attr("num_compensation: int >= 0")
     .Attr("rounding: {'nearest', 'stochastic', 'kahan'}")
     .SetShapeFn([](InferenceContext* c) {
-      return ScalarInputs(c, {"beta1_power", "beta2_power", "lr", "beta1", "beta2",
-                              "epsilon", "weight_decay", "seed", "step", "var_id"});
+      return ScalarInputs(c, {"beta1_power", "beta2_power", "lr", "one_minus_beta1",
+                              "one_minus_beta2", "epsilon", "weight_decay", "seed", "step",
+                              "var_id"});
     })
     .Doc(R"doc(
 Fused Adam/AdamW step (AMSGrad when `vhat` is given), in place, one pass:
-m += (grad - m) * (1 - beta1); v += (grad^2 - v) * (1 - beta2);
+m += (grad - m) * one_minus_beta1; v += (grad^2 - v) * one_minus_beta2;
 var -= alpha * m / (sqrt(v) + epsilon) with
 alpha = lr * sqrt(1 - beta2_power) / (1 - beta1_power) in float32, and
 decoupled weight decay var -= var * weight_decay * lr folded in.
+`one_minus_beta1/2` are 1 - beta as the caller computes it (Keras: in float64
+for a Python float, then rounded to float32), so that the constants are Keras's.
 )doc");
 
 REGISTER_OP("TfBf16>ResourceApplyLion")
@@ -198,8 +201,8 @@ REGISTER_OP("TfBf16>ResourceSparseApplyAdam")
     .Input("beta1_power: float")
     .Input("beta2_power: float")
     .Input("lr: float")
-    .Input("beta1: float")
-    .Input("beta2: float")
+    .Input("one_minus_beta1: float")
+    .Input("one_minus_beta2: float")
     .Input("epsilon: float")
     .Input("weight_decay: float")
     .Input("grad: Tgrad")
@@ -214,8 +217,9 @@ REGISTER_OP("TfBf16>ResourceSparseApplyAdam")
     .Attr("num_compensation: int >= 0")
     .Attr("rounding: {'nearest', 'stochastic', 'kahan'}")
     .SetShapeFn([](InferenceContext* c) {
-      return ScalarInputs(c, {"beta1_power", "beta2_power", "lr", "beta1", "beta2",
-                              "epsilon", "weight_decay", "seed", "step", "var_id"});
+      return ScalarInputs(c, {"beta1_power", "beta2_power", "lr", "one_minus_beta1",
+                              "one_minus_beta2", "epsilon", "weight_decay", "seed", "step",
+                              "var_id"});
     })
     .Doc(R"doc(
 ResourceApplyAdam on the rows `indices` only ("lazy" Adam: untouched rows and

@@ -62,7 +62,8 @@ __all__ = ["audit", "AuditReport", "VariableRow", "DtypeTotal", "TrainingStateBy
            "FloatOpRow", "UpcastRow", "FusedOpRow", "FixRow"]
 
 
-def audit(model, x=None, y=None, optimizer=None, *, loss=None, trace=True):
+def audit(model, x=None, y=None, optimizer=None, *, loss=None, sample_weight=None,
+          batch_size=None, trace=True):
     """Audits what a training step of `model` stores and computes in 32 bits.
 
     Traces (does not run) the step `fit` would run and reports the variables,
@@ -72,10 +73,15 @@ def audit(model, x=None, y=None, optimizer=None, *, loss=None, trace=True):
 
     Args:
         model: a built Keras model (or one with `model.inputs`).
-        x: a sample input batch (array, tensor, or list/dict of them), or
-            `None` to build zeros from `model.inputs` with batch size 2.
-        y: sample targets, or `None` to build zeros from the model outputs
-            (integer labels for a sparse categorical loss).
+        x: what `model.fit` accepts: a batch of inputs (array, tensor, or a
+            list, tuple or dict of them, as the model takes them), a
+            `tf.data.Dataset` (of `(x, y)` or `(x, y, sample_weight)`), a
+            generator or a `keras.utils.PyDataset`: the first batch is traced.
+            `None` builds zeros in the structure of the model's inputs, batch 2.
+        y: targets for array `x`, or `None` (zeros from the model outputs,
+            integer labels for a sparse categorical loss; unused for a dataset).
+        sample_weight: sample weights for array `x`, as in `fit`.
+        batch_size: for array `x`, the rows traced as one batch (default: all).
         optimizer: the optimizer whose state to report and whose update to
             trace; defaults to `model.optimizer`. Built on the trainable
             variables if it is not built yet.
@@ -103,7 +109,7 @@ def audit(model, x=None, y=None, optimizer=None, *, loss=None, trace=True):
     if not model.built:
         if x is None:
             raise ValueError("audit: the model is not built; pass a sample batch `x`.")
-        model(_trace.to_tensors(x))
+        model(_trace.sample_batch(model, x, y, loss, sample_weight, batch_size)[0])
     if optimizer is not None and not optimizer.built:
         _build_optimizer(optimizer, model)
         notes.append(f"The optimizer '{optimizer.name}' was not built; the audit built it "
@@ -113,8 +119,10 @@ def audit(model, x=None, y=None, optimizer=None, *, loss=None, trace=True):
     sample = "not traced"
     traced = "no (trace=False)"
     if trace:
-        x, y, sample = _trace.sample_batch(model, x, y, loss)
-        traced_graph, traced, step_notes = _trace.trace_train_step(model, optimizer, x, y, loss)
+        x, y, sample_weight, sample = _trace.sample_batch(model, x, y, loss, sample_weight,
+                                                          batch_size)
+        traced_graph, traced, step_notes = _trace.trace_train_step(model, optimizer, x, y, loss,
+                                                                   sample_weight)
         notes.extend(step_notes)
 
     variables, metric_owner = _inventory.variable_rows(model, optimizer)
@@ -130,8 +138,8 @@ def audit(model, x=None, y=None, optimizer=None, *, loss=None, trace=True):
 
     responsible = _report.responsible(float_ops)
     wide_percent = 100.0 * counts["wide"] / counts["float"] if counts["float"] else 0.0
-    summary = _report.summary(traced_graph is not None, counts, wide_percent, responsible,
-                              variables)
+    summary = _report.summary(traced_graph is not None, counts, wide_percent,
+                              _report.responsible_classes(float_ops), variables)
     fixes = _fixes.fix_rows(model, optimizer, loss, variables, float_ops, fused_ops)
     notes.extend(_fixes.standing_notes(traced_graph is not None))
 

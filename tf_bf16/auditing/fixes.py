@@ -4,7 +4,8 @@ Each finding of the inventory and the trace (float32 per-parameter state, a
 layer, loss or optimizer computing in float32, metric updates, the fused
 updates' float32 registers) becomes a `FixRow` whose `sound` is "yes" (and
 `how` enables the fix), "no" (and `how` says why none is sound), "depends" or
-"n/a". The one fix implemented in tf_bf16 itself is `tf_bf16.losses.bf16_loss`.
+"n/a". The same finding in several groups (every LayerNormalization of a
+transformer) is one row listing the groups, so each fix is said once. The one fix implemented in tf_bf16 itself is `tf_bf16.losses.bf16_loss`.
 
 Not here: finding the ops (trace.py) and the variables (inventory.py).
 """
@@ -13,6 +14,7 @@ import keras
 
 from tf_bf16 import optimizers as _optimizers
 from tf_bf16.auditing.inventory import dtype_name
+from tf_bf16.auditing.inventory import layer_paths
 from tf_bf16.auditing.report import FUSED_OP_PREFIX
 from tf_bf16.auditing.report import KIND_LOSS
 from tf_bf16.auditing.report import KIND_METRIC
@@ -24,6 +26,7 @@ from tf_bf16.auditing.report import ROLE_STATISTIC
 from tf_bf16.auditing.report import ROLE_TRAINABLE
 from tf_bf16.auditing.report import WIDE_FLOAT_DTYPES
 from tf_bf16.auditing.report import FixRow
+from tf_bf16.auditing.report import merge_fixes
 from tf_bf16.auditing.trace import compiled_losses
 from tf_bf16.losses import BFloat16SoftmaxCrossEntropy
 from tf_bf16.losses import bf16_loss
@@ -74,8 +77,9 @@ def fix_rows(model, optimizer, loss, variables, float_ops, fused_ops):
         fixes.append(FixRow(
             "metric updates in float32", "metrics", "n/a",
             "Metric accumulators (Keras's loss tracker, compiled metrics) are float32 by "
-            "design: a bf16 running total stalls after 256 equal increments. They are not "
-            "training math and are left out of the percentage."))
+            "design: a bf16 running total stalls after 256 equal increments; under "
+            "tf_bf16.set_policy() compiled metrics also compute on float32 casts of the "
+            "predictions. They are not training math and are left out of the percentage."))
     for row in fused_ops:
         if row.op_type == f"{FUSED_OP_PREFIX}StochasticRound":
             how = ("By design: Keras computes the moving-statistics update in float32 and "
@@ -89,7 +93,7 @@ def fix_rows(model, optimizer, loss, variables, float_ops, fused_ops):
         fixes.append(FixRow(f"{row.op_type}: float32 registers", row.group, "no", how))
     if not fixes:
         fixes.append(FixRow("nothing in float32", "-", "n/a", "No finding."))
-    return fixes
+    return merge_fixes(fixes)
 
 
 def _group_fix(model, optimizer, loss, group, class_name, kind):
@@ -190,9 +194,11 @@ def _loss_fix(model, loss, loss_name):
             "bf16_loss covers softmax cross-entropy on logits only.")
 
 
-def _find_layer(model, name):
+def _find_layer(model, path):
+    """The layer whose path in `model` (the group's name) is `path`."""
+    paths = layer_paths(model)
     for layer in model._flatten_layers(include_self=True):
-        if layer.name == name:
+        if paths.get(id(layer)) == path:
             return layer
     return None
 

@@ -35,6 +35,28 @@ from tf_bf16.auditing.report import TrainingStateBytes
 from tf_bf16.auditing.report import VariableRow
 
 
+def layer_paths(model):
+    """id(layer) -> its path in `model`: the names of the layers that contain it,
+    outermost first, joined by "/" ("transformer_layer_0/self_attention_layer_norm").
+
+    The model itself is its name. A layer reachable along several paths (shared)
+    gets the first one found. Names alone are not unique: every transformer
+    block of a keras-hub model has a "self_attention_layer_norm".
+    """
+    paths = {id(model): model.name}
+
+    def visit(layer, prefix):
+        for child in getattr(layer, "_layers", None) or []:
+            if id(child) in paths:
+                continue
+            path = f"{prefix}/{child.name}" if prefix else child.name
+            paths[id(child)] = path
+            visit(child, path)
+
+    visit(model, "")
+    return paths
+
+
 def dtype_name(dtype):
     """Keras's name of a dtype ("bfloat16", "float32", ...)."""
     return keras.backend.standardize_dtype(dtype)
@@ -72,6 +94,7 @@ def variable_rows(model, optimizer):
     """(`VariableRow`s: model, then optimizer, then metric variables; id(variable) -> metric)."""
     rows, seen = [], set()
     owners = _policy.variable_owners(model)
+    paths = layer_paths(model)
     for variable in model.variables:
         if id(variable) in seen:
             continue
@@ -85,7 +108,8 @@ def variable_rows(model, optimizer):
             # Random-seed state, counters: not per-parameter numerics.
             role = ROLE_BOOKKEEPING
         layer = layer if layer is not None else model
-        rows.append(_variable_row(variable, layer.name, type(layer).__name__, role))
+        rows.append(_variable_row(variable, paths.get(id(layer), layer.name),
+                                  type(layer).__name__, role))
 
     if optimizer is not None:
         for variable in optimizer.variables:

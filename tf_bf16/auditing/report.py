@@ -10,6 +10,7 @@ Not here: how the rows are computed (inventory.py, trace.py, fixes.py).
 
 import dataclasses
 import json
+import re
 import textwrap
 
 import numpy as np
@@ -49,7 +50,11 @@ FUSED_LABEL = "fused update (float32 registers, bf16 storage)"
 
 @dataclasses.dataclass
 class VariableRow:
-    """One variable: where it lives, what it is for, what it costs."""
+    """One variable: where it lives, what it is for, what it costs.
+
+    `owner` is the path of the layer that created it in the model (see
+    `inventory.layer_paths`), or the optimizer's or the metric's name.
+    """
 
     path: str
     owner: str
@@ -132,12 +137,33 @@ class FixRow:
 
     `sound` is `"yes"` (a sound fix exists; `how` enables it), `"no"` (none is
     known to be sound; `how` says why), `"depends"` or `"n/a"` (nothing to fix).
+    A finding made in several groups (every LayerNormalization of a
+    transformer) is one row: `groups` lists them, `group` joins them.
     """
 
     finding: str
     group: str
     sound: str
     how: str
+    groups: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.groups:
+            self.groups = [self.group]
+
+
+def merge_fixes(fixes):
+    """One `FixRow` per distinct (finding, sound, how), its groups in order."""
+    merged = {}
+    for fix in fixes:
+        key = (fix.finding, fix.sound, fix.how)
+        if key in merged:
+            merged[key].groups.extend(g for g in fix.groups if g not in merged[key].groups)
+        else:
+            merged[key] = FixRow(fix.finding, fix.group, fix.sound, fix.how, list(fix.groups))
+    for fix in merged.values():
+        fix.group = ", ".join(fix.groups)
+    return list(merged.values())
 
 
 # ---------------------------------------------------------------------------
@@ -223,15 +249,107 @@ class AuditReport:
     def __str__(self):
         return self._render(markdown=False)
 
-    def to_text(self):
-        """The aligned plain-text report (what `print(report)` shows)."""
-        return self._render(markdown=False)
+    def to_text(self, detail="full"):
+        """The aligned plain-text report (`print(report)` shows the full one).
 
-    def to_markdown(self):
-        """The report as Markdown: headings and pipe tables."""
-        return self._render(markdown=True)
+        Args:
+            detail: `"full"`: every variable and every (group, phase, op type)
+                row, each fix with its explanation. `"summary"`: one screen:
+                variables by role and dtype, float32 compute by layer class,
+                each fix in one or two lines.
+        """
+        return self._render_summary(markdown=False) if _detail(detail) == "summary" \
+            else self._render(markdown=False)
+
+    def to_markdown(self, detail="full"):
+        """The report as Markdown: headings and pipe tables (`detail` as in `to_text`)."""
+        return self._render_summary(markdown=True) if _detail(detail) == "summary" \
+            else self._render(markdown=True)
 
     # -- rendering ----------------------------------------------------------
+
+    def _render_summary(self, markdown):
+        out = []
+
+        def heading(text):
+            out.append("")
+            out.append(f"## {text}" if markdown else text)
+
+        def table(headers, rows, right=()):
+            out.append(_table(headers, rows, right, markdown))
+
+        title = f"tf_bf16 audit of {self.model} (summary)"
+        out.append(f"# {title}" if markdown else f"{title}\n{'=' * len(title)}")
+        out.append(f"optimizer: {self.optimizer}")
+        out.append(f"sample batch: {self.sample}")
+        out.append(f"traced: {self.traced}")
+        out.append("")
+        out.append(("**Summary:** " + self.summary) if markdown else textwrap.fill(
+            "Summary: " + self.summary, width=100))
+
+        heading(f"Variables by role ({len(self.variables)})")
+        by_role = {}
+        for row in self.variables:
+            total = by_role.setdefault((row.role, row.dtype), [0, 0, 0])
+            total[0] += 1
+            total[1] += row.elements
+            total[2] += row.bytes
+        table(["role", "dtype", "variables", "elements", "bytes"],
+              [[role, dtype, n, f"{e:,}", f"{b:,}"]
+               for (role, dtype), (n, e, b) in by_role.items()], right={2, 3, 4})
+        state = self.training_state
+        out.append(f"Training state: {state.bytes_per_parameter:.2f} B/parameter "
+                   f"({state.total_bytes:,} B for {state.trainable_parameters:,} parameters)")
+
+        heading("float32/float64 compute by class (metrics: not in the percentage)")
+        classes = {}
+        for row in self.float_ops:
+            key = (row.group_class or row.group, row.kind)
+            entry = classes.setdefault(key, dict(groups=set(), ops=0, elements=0,
+                                                 scalar=True, upcast=0))
+            entry["groups"].add(row.group)
+            entry["ops"] += row.count
+            entry["elements"] += row.elements
+            entry["scalar"] = entry["scalar"] and row.scalar_only
+        for row in self.upcasts:
+            key = (row.group_class or row.group, row.kind)
+            if key in classes:
+                classes[key]["upcast"] += row.elements
+        if classes:
+            ordered = sorted(classes.items(), key=lambda kv: (kv[0][1] == "metric",
+                                                              -kv[1]["elements"]))
+            table(["class", "kind", "groups", "ops", "float32 elements", "upcast elements",
+                   "note"],
+                  [[c, k, len(e["groups"]), e["ops"], f"{e['elements']:,}",
+                    f"{e['upcast']:,}", "scalar" if e["scalar"] else ""]
+                   for (c, k), e in ordered], right={2, 3, 4, 5})
+        else:
+            out.append("none")
+        if self.fused_ops:
+            fused = {}
+            for row in self.fused_ops:
+                entry = fused.setdefault((row.op_type, row.rounding), [0, 0])
+                entry[0] += row.count
+                entry[1] += row.elements
+            out.append("Fused tf_bf16 ops (float32 registers, bf16 storage): " + "; ".join(
+                f"{op} ({rounding}) x{n}, {e:,} elements"
+                for (op, rounding), (n, e) in fused.items()))
+
+        heading("Fixes (each once; to_text() explains them and lists every row)")
+        for fix in self.fixes:
+            where = fix.groups[0] if len(fix.groups) == 1 else f"{len(fix.groups)} groups"
+            first = re.split(r"(?<=[a-z0-9)])\. (?=[A-Z])", fix.how)[0].rstrip(".") + "."
+            line = f"[{fix.sound}] {fix.finding} -- {where}"
+            if markdown:
+                out.append(f"- {line}: {first}")
+            else:
+                # The fix itself ("yes") in full; the reasons against, their first line.
+                lines = textwrap.wrap(first, width=94)
+                if fix.sound != "yes" and len(lines) > 1:
+                    lines = [lines[0] + " ..."]
+                out.append(line)
+                out.extend("      " + text for text in lines)
+        return "\n".join(out) + "\n"
 
     def _render(self, markdown):
         out = []
@@ -297,12 +415,19 @@ class AuditReport:
 
         heading("Fixes")
         if markdown:
-            table(["finding", "group", "sound fix?", "how / why not"],
+            table(["finding", "groups", "sound fix?", "how / why not"],
                   [[f.finding, f.group, f.sound, f.how] for f in self.fixes])
         else:
             # The explanations are sentences: wrapped paragraphs, not a table.
+            # A finding made in several groups is said once, with the groups.
             for fix in self.fixes:
-                out.append(f"[{fix.sound}] {fix.group}: {fix.finding}")
+                if len(fix.groups) == 1:
+                    out.append(f"[{fix.sound}] {fix.group}: {fix.finding}")
+                else:
+                    out.append(f"[{fix.sound}] {fix.finding}")
+                    out.append(textwrap.fill(f"in {len(fix.groups)} groups: {fix.group}",
+                                             width=96, initial_indent="      ",
+                                             subsequent_indent="        "))
                 out.append(textwrap.fill(fix.how, width=96, initial_indent="      ",
                                          subsequent_indent="      "))
 
@@ -311,6 +436,12 @@ class AuditReport:
             for note in self.notes:
                 out.append(f"- {note}")
         return "\n".join(out) + "\n"
+
+
+def _detail(detail):
+    if detail not in ("full", "summary"):
+        raise ValueError(f"detail must be 'full' or 'summary', got {detail!r}.")
+    return detail
 
 
 def _shape(shape):
@@ -363,8 +494,21 @@ def responsible(float_ops):
     return sorted(((g, c, n) for (g, c), n in totals.items()), key=lambda t: -t[2])
 
 
+def responsible_classes(float_ops):
+    """(class, kind, groups, float32 elements) of the groups with non-scalar float32
+    training math, one entry per class and kind, most float32 elements first."""
+    totals = {}
+    for group, class_name, elements in responsible(float_ops):
+        kind = next(r.kind for r in float_ops if r.group == group)
+        entry = totals.setdefault((class_name or group, kind), [[], 0])
+        entry[0].append(group)
+        entry[1] += elements
+    return sorted(((c, k, g, n) for (c, k), (g, n) in totals.items()), key=lambda t: -t[3])
+
+
 def summary(traced, counts, wide_percent, responsible_groups, variables):
-    """The report's summary paragraph (`responsible_groups`: from `responsible`)."""
+    """The report's summary paragraph (`responsible_groups`: from `responsible_classes`:
+    one entry per class, so that twelve transformer blocks make one entry)."""
     wide_state = [r for r in variables if r.dtype in WIDE_FLOAT_DTYPES
                   and r.role in (ROLE_TRAINABLE, ROLE_STATISTIC, ROLE_SLOT, ROLE_KAHAN)]
     state = (f"{len(wide_state)} float32/float64 per-parameter variable(s)" if wide_state
@@ -375,7 +519,10 @@ def summary(traced, counts, wide_percent, responsible_groups, variables):
             f"({counts['wide']:,} of {counts['float']:,}) come from float32/float64 ops")
     if responsible_groups:
         text += "; responsible: " + ", ".join(
-            f"{g} ({c}, {_percent(n, counts['wide'])})" for g, c, n in responsible_groups)
+            f"{groups[0]} ({c}, {_percent(n, counts['wide'])})" if len(groups) == 1 else
+            f"{len(groups)} {c} {'layers' if kind == KIND_LAYER else 'groups'} "
+            f"({_percent(n, counts['wide'])})"
+            for c, kind, groups, n in responsible_groups)
     else:
         text += " (scalar bookkeeping only)" if counts["wide"] else ""
     text += f". {state}."

@@ -40,12 +40,20 @@ Rules the audit follows (so that the numbers can be checked):
   forward op; unscoped ops that feed a metric variable go to that metric;
   other unscoped ops (gradient aggregation `AddN`) inherit from their inputs.
 
-Sample batch: when `x` is not given it is built from `model.inputs`: zeros
-of each input's dtype and shape, the batch dimension set to 2 and any other
-unknown dimension to 8. When `y` is not given it is zeros of each output's
-shape (float32), or integer class labels of shape `output.shape[:-1]` when
-the compiled loss is a sparse categorical one. The values do not matter:
-the step is traced, not run.
+Sample batch: `x`, `y` and `sample_weight` are whatever `fit` accepts
+(arrays, tuples, lists or dicts of them, a `tf.data.Dataset`, a generator, a
+`PyDataset`); Keras's data adapter makes the batches, as in `fit`, and the
+first one is traced (arrays are one batch unless `batch_size` is given). When
+`x` is not given it is built from the model's inputs, in their structure (a
+dict for dict-input models such as keras-hub's): zeros of each input's dtype
+and shape, the batch dimension set to 2 and any other unknown dimension to 8.
+When `y` is not given it is zeros of each output's shape (float32), or integer
+class labels of shape `output.shape[:-1]` when the compiled loss is a sparse
+categorical one. The values do not matter: the step is traced, not run.
+
+Groups are named by the layer's path in the model (`inventory.layer_paths`):
+"transformer_layer_0/self_attention_layer_norm", not a name that every
+transformer block repeats.
 
 Not here: the variables (inventory.py) and what to do about the findings
 (fixes.py).
@@ -57,9 +65,12 @@ import math
 
 import keras
 import tensorflow as tf
+from keras.src import tree
 from keras.src.backend.tensorflow import core as _keras_tf_core
+from keras.src.trainers import data_adapters
 
 from tf_bf16 import policy as _policy
+from tf_bf16.auditing.inventory import layer_paths
 from tf_bf16.auditing.report import FUSED_OP_PREFIX
 from tf_bf16.auditing.report import KIND_LAYER
 from tf_bf16.auditing.report import KIND_LOSS
@@ -136,17 +147,30 @@ def _per_output(loss, index, name):
     return loss
 
 
-def sample_batch(model, x, y, loss):
-    """(x, y, description): the given batch as tensors, or one built from the model."""
+def sample_batch(model, x, y, loss, sample_weight=None, batch_size=None):
+    """(x, y, sample_weight, description): one batch of what `fit` would get.
+
+    `x`, `y`, `sample_weight` are anything `model.fit` accepts (arrays, lists,
+    tuples or dicts of them, a `tf.data.Dataset`, a generator, a
+    `keras.utils.PyDataset`); Keras's own data adapter turns them into batches,
+    as in `fit`, and the first batch is traced. Arrays are one batch unless
+    `batch_size` is given. With `x=None`, zeros in the structure of the model's
+    inputs (a dict for dict-input models).
+    """
     described = []
-    inputs = _model_inputs(model)
     if x is None:
-        if not inputs:
-            raise ValueError("audit: the model has no `inputs` to build a sample batch from "
-                             "(subclassed model?); pass `x`.")
-        zeros = [tf.zeros(_concrete_shape(t.shape), dtype=t.dtype) for t in inputs]
-        x = zeros[0] if len(zeros) == 1 else zeros
+        x = _zeros_like_inputs(model)
         described.append("x = zeros from model.inputs (batch 2)")
+    else:
+        if batch_size is None and data_adapters.array_data_adapter.can_convert_arrays(
+                (x, y, sample_weight)):
+            batch_size = int(tree.flatten(x)[0].shape[0])   # the arrays are one batch
+        adapter = data_adapters.get_data_adapter(x, y, sample_weight, batch_size=batch_size,
+                                                 shuffle=False)
+        first = next(iter(adapter.get_tf_dataset()))
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(first)
+        if not isinstance(adapter, data_adapters.ArrayDataAdapter):
+            described.append(f"the first batch of {type(adapter).__name__}")
     x = to_tensors(x)
     if y is None:
         outputs = _model_outputs(model)
@@ -154,7 +178,7 @@ def sample_batch(model, x, y, loss):
         if outputs:
             targets = []
             for index, output in enumerate(outputs):
-                shape = _concrete_shape(output.shape)
+                shape = _concrete_shape(output.shape, batch_size=_batch_size(x))
                 name = getattr(getattr(output, "_keras_history", None), "operation", None)
                 name = getattr(name, "name", None)
                 if _is_sparse_loss(_per_output(compiled, index, name)):
@@ -167,13 +191,36 @@ def sample_batch(model, x, y, loss):
         else:
             raise ValueError("audit: cannot build targets without `model.outputs`; pass `y`.")
     y = to_tensors(y)
+    sample_weight = to_tensors(sample_weight)
 
     def spec(value):
+        if isinstance(value, dict):
+            return ", ".join(f"{k}: {spec(v)}" for k, v in value.items())
         return ", ".join(f"{t.dtype.name} {tuple(t.shape)}" for t in tf.nest.flatten(value))
     sample = f"x: {spec(x)}; y: {spec(y)}"
+    if sample_weight is not None:
+        sample += f"; sample_weight: {spec(sample_weight)}"
     if described:
         sample += " [" + "; ".join(described) + "]"
-    return x, y, sample
+    return x, y, sample_weight, sample
+
+
+def _batch_size(x):
+    flat = [t for t in tf.nest.flatten(x) if t.shape.rank]
+    return int(flat[0].shape[0]) if flat and flat[0].shape[0] is not None else 2
+
+
+def _zeros_like_inputs(model):
+    """Zeros of each model input's dtype and shape, in the model's input structure."""
+    structure = getattr(model, "_inputs_struct", None)
+    if structure is None:
+        inputs = _model_inputs(model)
+        if not inputs:
+            raise ValueError("audit: the model has no `inputs` to build a sample batch "
+                             "from (subclassed model?); pass `x`.")
+        structure = inputs[0] if len(inputs) == 1 else inputs
+    return tree.map_structure(
+        lambda t: tf.zeros(_concrete_shape(t.shape), dtype=t.dtype), structure)
 
 
 def _model_inputs(model):
@@ -224,7 +271,7 @@ def _recording_keras_scopes():
 _LOSS_SCOPE = "compile_loss"
 
 
-def trace_train_step(model, optimizer, x, y, loss):
+def trace_train_step(model, optimizer, x, y, loss, sample_weight=None):
     """((graph, scopes), description, notes) of the step `fit` would run, traced."""
     notes = []
     state = _policy.policy_state()
@@ -237,8 +284,9 @@ def trace_train_step(model, optimizer, x, y, loss):
                       and optimizer is getattr(model, "optimizer", None)
                       and (compiled_loss or _overrides_train_step(model)))
     if use_train_step:
-        def step(x, y):
-            return model.train_step((x, y))
+        def step(x, y, sample_weight):
+            data = (x, y) if sample_weight is None else (x, y, sample_weight)
+            return model.train_step(data)
         traced = "model.train_step (what fit runs), in tf.function"
     else:
         if loss is None and not compiled_loss and not model.losses:
@@ -246,16 +294,18 @@ def trace_train_step(model, optimizer, x, y, loss):
                              "pass `loss=`.")
         loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
 
-        def step(x, y):
+        def step(x, y, sample_weight):
             with tf.GradientTape() as tape:
                 y_pred = model(x, training=True)
                 if loss_fn is not None:
                     with keras.name_scope(_LOSS_SCOPE):
-                        value = loss_fn(y, y_pred)
+                        value = (loss_fn(y, y_pred) if sample_weight is None
+                                 else loss_fn(y, y_pred, sample_weight=sample_weight))
                     for extra in model.losses:
                         value = value + tf.cast(tf.reduce_sum(extra), value.dtype)
                 else:
-                    value = model.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+                    value = model.compute_loss(x=x, y=y, y_pred=y_pred,
+                                               sample_weight=sample_weight, training=True)
             variables = model.trainable_variables
             gradients = tape.gradient(value, variables)
             if optimizer is not None:
@@ -269,7 +319,7 @@ def trace_train_step(model, optimizer, x, y, loss):
                          "training state has no optimizer slots.")
 
     with _recording_keras_scopes() as scopes:
-        concrete = tf.function(step).get_concrete_function(x, y)
+        concrete = tf.function(step).get_concrete_function(x, y, sample_weight)
     return (concrete.graph, scopes), traced, notes
 
 
@@ -301,6 +351,7 @@ class _Attributor:
         self.scopes = scopes
         self.optimizer = optimizer
         self.metric_owner = metric_owner
+        self.paths = layer_paths(model)
         self.groups = {}
         self.by_op = {}
         self.variables_by_handle = {}
@@ -331,8 +382,9 @@ class _Attributor:
         for end in range(len(parts) - 1, 0, -1):
             caller, _ = self.scopes.get("/".join(parts[:end]), (None, None))
             if isinstance(caller, keras.layers.Layer):
-                return self.group(("layer", id(caller)), caller.name, type(caller).__name__,
-                                  KIND_LAYER), phase
+                return self.group(("layer", id(caller)),
+                                  self.paths.get(id(caller), caller.name),
+                                  type(caller).__name__, KIND_LAYER), phase
             if isinstance(caller, keras.optimizers.Optimizer):
                 return self.group(("optimizer",), caller.name, type(caller).__name__,
                                   KIND_OPTIMIZER), PHASE_UPDATE

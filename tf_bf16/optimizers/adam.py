@@ -9,10 +9,9 @@ class Adam(base.Bf16Optimizer, keras.optimizers.Adam):
     """Adam for pure-bfloat16 training.
 
     A drop-in replacement for `keras.optimizers.Adam`: same arguments, same
-    defaults, the same update (in the float32 arithmetic of
-    `tf.raw_ops.ResourceApplyAdam`, which rounds `1 - beta` to float32 where
-    Keras computes it in Python: results on float32 variables agree with
-    Keras's to about 1e-5 of a step, not bit for bit). Each step is one fused op
+    defaults, the same update, in Keras's float32 operations (`1 - beta` in
+    Python, then float32, as Keras computes it): on float32 variables the
+    result is Keras's bit for bit. Each step is one fused op
     (`tf_bf16.ops.apply_adam`): the moments and the bias correction are
     computed in float32 (stock Keras casts `beta_2=0.999` to a bf16
     variable's dtype, where it becomes 1.0, and Adam never moves a weight),
@@ -72,7 +71,7 @@ class Adam(base.Bf16Optimizer, keras.optimizers.Adam):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
-        name="adam",
+        name=None,
         rounding="kahan",
         seed=None,
         **kwargs,

@@ -57,7 +57,7 @@ class AdamW(adam.Adam, keras.optimizers.AdamW):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
-        name="adamw",
+        name=None,
         rounding="kahan",
         seed=None,
         **kwargs,

@@ -147,8 +147,10 @@ class Bf16Optimizer:
         """Decoupled weight decay of this variable (0 if none or excluded)."""
         if self.weight_decay is None:
             return 0.0
-        keras_variable = self._trainable_variables[self._get_variable_index(variable)]
-        return self.weight_decay if self._use_weight_decay(keras_variable) else 0.0
+        # Asked about the variable update_step receives, as Keras's backend asks:
+        # on TensorFlow the tf.Variable, whose name is the variable's path
+        # ("sequential/dense_a/kernel:0"), so var_names match layer names too.
+        return self.weight_decay if self._use_weight_decay(variable) else 0.0
 
     def _apply_weight_decay(self, variables):
         # Folded into update_step, so each weight is rounded once per step.

@@ -62,7 +62,7 @@ class SGD(base.Bf16Optimizer, keras.optimizers.SGD):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
-        name="SGD",
+        name=None,
         rounding="kahan",
         seed=None,
         **kwargs,

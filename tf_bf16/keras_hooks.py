@@ -1,0 +1,94 @@
+"""What `set_policy()` changes in Keras besides the dtype policy, so that a model
+that works in float32 works unchanged under the all-bf16 policy.
+
+- **Compiled metrics compute in float32.** A metric is not per-parameter
+  state: Keras already keeps its accumulators in float32 (a metric's dtype is
+  `floatx()`), but computes its update on whatever the model returns. Under
+  the policy that is bf16, which some ops refuse (`TopKCategoricalAccuracy` and
+  `SparseTopKCategoricalAccuracy` call `InTopKV2`, float32 only) and which
+  makes the others' values coarse (a bf16 cross-entropy or squared error, then
+  accumulated in float32). While the policy is active, the compiled metrics
+  (`model.compile(metrics=..., weighted_metrics=...)`, updated by `fit`,
+  `evaluate`, `train_on_batch`, `test_on_batch` and `compute_metrics`) receive
+  16-bit float `y_pred` and `y_true` cast to float32, Keras masks kept. The
+  loss is unaffected (Keras's losses already cast to float32).
+- **Initializers without a bf16 kernel draw in float32 and cast.** Of Keras
+  3.15's initializers only `Orthogonal` has none (TensorFlow's `Qr` has no
+  bf16 kernel; LSTM/GRU use it as their default `recurrent_initializer`): while
+  the policy is active it draws the float32 orthogonal matrix and rounds it to
+  bf16 to nearest (the weight is then orthogonal to bf16 precision, as any bf16
+  copy of it would be). Every other Keras initializer draws in bf16 directly.
+
+Each hook is installed once, by `set_policy()`, and does nothing while the
+policy is off (`reset_policy()`): importing tf_bf16 changes nothing in Keras.
+
+Not here: the strict check and BatchNormalization's moving statistics
+(tf_bf16.policy).
+"""
+
+import functools
+
+import keras
+from keras.src import backend as keras_backend
+from keras.src import tree
+from keras.src.initializers import random_initializers
+from keras.src.trainers import compile_utils
+
+_NARROW_FLOATS = ("bfloat16", "float16")
+
+# Initializers whose TensorFlow ops have no bf16 kernel (checked for every
+# initializer of Keras 3.15 by tests/test_policy.py).
+FLOAT32_DRAWN_INITIALIZERS = (random_initializers.Orthogonal,)
+
+_INSTALLED = False
+
+
+def install(is_active):
+    """Installs the hooks once; each applies only while `is_active()` is true."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _wrap_compiled_metrics(is_active)
+    for cls in FLOAT32_DRAWN_INITIALIZERS:
+        _wrap_initializer(cls, is_active)
+    _INSTALLED = True
+
+
+def to_float32(value):
+    """16-bit float tensors in a nested structure cast to float32, Keras masks kept."""
+    def cast(tensor):
+        if tensor is None or not hasattr(tensor, "dtype"):
+            return tensor
+        if keras.backend.standardize_dtype(tensor.dtype) not in _NARROW_FLOATS:
+            return tensor
+        mask = keras_backend.get_keras_mask(tensor)
+        result = keras.ops.cast(tensor, "float32")
+        if mask is not None:
+            keras_backend.set_keras_mask(result, mask)
+        return result
+    return tree.map_structure(cast, value)
+
+
+def _wrap_compiled_metrics(is_active):
+    original = compile_utils.CompileMetrics.update_state
+
+    @functools.wraps(original)
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        if is_active():
+            y_true, y_pred = to_float32(y_true), to_float32(y_pred)
+        return original(self, y_true, y_pred, sample_weight=sample_weight)
+
+    compile_utils.CompileMetrics.update_state = update_state
+
+
+def _wrap_initializer(cls, is_active):
+    original = cls.__call__
+
+    @functools.wraps(original)
+    def __call__(self, shape, dtype=None):
+        if dtype is not None and is_active() and \
+                keras.backend.standardize_dtype(dtype) in _NARROW_FLOATS:
+            return keras.ops.cast(original(self, shape, dtype="float32"), dtype)
+        return original(self, shape, dtype=dtype)
+
+    cls.__call__ = __call__
