@@ -178,6 +178,16 @@ class Bf16Optimizer:
                                rounding=self._state_rounding(), seed=self.seed,
                                step=self._iterations, var_id=index + EMA_STREAM)
 
+    def _overwrite_model_variables_with_average_value(self, trainable_variables):
+        if backend.NAME != "jax":
+            return super()._overwrite_model_variables_with_average_value(trainable_variables)
+        # Keras assigns the average's array itself: the weight and its average then
+        # share one buffer, and the next `fit` (whose train step donates its state)
+        # fails ("Attempt to donate the same buffer twice"; stock Keras 3.15.1 too).
+        for var, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                var.assign(keras.ops.copy(average.value))
+
     def _backend_apply_gradients(self, grads, trainable_variables):
         if self.gradient_accumulation_steps and backend.NAME == "jax":
             # Keras's JAX optimizer adds accumulators in bf16, rounded to nearest.
