@@ -27,7 +27,7 @@ import pytest
 
 pytest.importorskip("jax")
 
-from conftest import fresh_global_state  # noqa: E402
+from conftest import assert_bits_equal, fresh_global_state  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -145,3 +145,38 @@ def test_everything_works_where_tensorflow_cannot_be_imported():
                         timeout=900)
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), (
         result.stdout[-4000:] + result.stderr[-4000:])
+
+
+def test_sparse_sgd_under_kahan_takes_the_dense_step_as_jax_does():
+    """A Kahan step with a zero gradient is not always a no-op: with w = 1 + 2**-7 (odd
+    last bit) and compensation c = -2**-8, w - c is a tie and rounds to the even
+    neighbour 1 + 2**-6. So SGD densifies IndexedSlices under Kahan: rows without a
+    gradient take that step on TensorFlow as in JAX's dense update, to the same bits."""
+    import keras
+    import ml_dtypes
+    import numpy as np
+    import tensorflow as tf
+
+    import tf_bf16
+    from tf_bf16 import jax_ops
+
+    bf16 = ml_dtypes.bfloat16
+    table = np.full((3, 2), 1 + 2**-7, bf16)
+    compensation = np.full((3, 2), -2**-8, bf16)
+    variable = keras.Variable(table, dtype="bfloat16", name="table")
+    optimizer = tf_bf16.optimizers.SGD(learning_rate=0.5, rounding="kahan", seed=1)
+    optimizer.build([variable])
+    optimizer._compensations[0].assign(compensation)
+    gradient = tf.IndexedSlices(tf.constant([[0.25, 0.25]], tf.bfloat16), tf.constant([0]),
+                                tf.constant([3, 2], tf.int64))
+    optimizer.apply([gradient], [variable])
+    got = np.asarray(variable.value, np.float32)
+    assert np.all(got[1:] == 1 + 2**-6), got        # the rows without a gradient moved
+
+    dense = np.zeros((3, 2), bf16)
+    dense[0] = 0.25
+    want = jax_ops.apply_sgd(table, dense, 0.5, rounding="kahan", compensation=compensation,
+                             seed=1, step=0, var_id=0)
+    assert_bits_equal(variable.value, np.asarray(want["variable"]), "weight")
+    assert_bits_equal(optimizer._compensations[0].value, np.asarray(want["compensation"]),
+                      "compensation")
