@@ -14,6 +14,15 @@ Two halves, in two processes:
         stored inputs and compares bits. One verdict line per case, a summary,
         exit status 1 if any case differs. Needs no TensorFlow.
 
+    python tools/jax_parity.py portable DIR [--resume-from BACKEND]
+        the portability half (tests/test_jax_backend.py runs it both ways):
+        trains the Embedding model of "fit/embedding" one epoch on this backend,
+        saves DIR/<label>.<backend>.keras, trains one more epoch and writes its
+        records; with --resume-from, first resumes the other backend's files
+        here for that second epoch.
+
+tools/h200/README.md says how the check runs on a GPU machine.
+
 The cases (`cases()`):
 
 - "opt/...": an optimizer applied to Keras variables for 4 steps from stored
