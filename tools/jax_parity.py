@@ -592,6 +592,44 @@ def check(directory, json_path=None, selected=None):
     return results
 
 
+def fusion_report(shape=(1024, 1024)):
+    """How many kernels XLA makes of one update on this device (a diagnostic for the
+    benchmark to come, not a check): fusions and custom calls in the optimized HLO."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from tf_bf16 import jax_ops
+
+    w = jnp.zeros(shape, jnp.bfloat16)
+    lr, step = jnp.float32(1e-3), jnp.int32(0)
+    for rounding in ROUNDINGS:
+        comp = w if rounding == "kahan" else None
+        updates = {
+            "sgd_momentum": functools.partial(jax_ops.apply_sgd, momentum=0.9),
+            "adam": jax_ops.apply_adam,
+            "lion": jax_ops.apply_lion,
+        }
+        for name, update in updates.items():
+            if name == "sgd_momentum":
+                def fn(w, g, s, c, update=update):
+                    return update(w, g, lr, accumulator=s, rounding=rounding, compensation=c,
+                                  seed=1, step=step)
+            elif name == "adam":
+                def fn(w, g, s, c, update=update):
+                    return update(w, g, s, s, lr, step=step, rounding=rounding,
+                                  compensation=c, seed=1)
+            else:
+                def fn(w, g, s, c, update=update):
+                    return update(w, g, s, lr, rounding=rounding, compensation=c, seed=1,
+                                  step=step)
+            hlo = jax.jit(fn).lower(w, w, w, comp).compile().as_text()
+            entry = hlo[hlo.index("ENTRY"):]
+            _log(f"kernels {name}-{rounding} {shape}: {entry.count(' fusion(')} fusions, "
+                 f"{entry.count('custom-call(')} custom calls")
+
+
 def _environment():
     import keras
 
@@ -619,12 +657,16 @@ def main(argv=None):
     chk.add_argument("--json", help="also write the results here")
     for p in (ref, chk):
         p.add_argument("--case", action="append", help="only this case (repeatable)")
+    sub.add_parser("fusions", help="print how many kernels XLA makes of each update")
     port = sub.add_parser("portable", help="train, save a .keras file, resume another "
                           "backend's file; records as npz")
     port.add_argument("directory")
     port.add_argument("--resume-from", help="the backend whose .keras files to resume")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.command == "fusions":
+        fusion_report()
+        return 0
     if args.command == "portable":
         portable(args.directory, args.resume_from)
         return 0

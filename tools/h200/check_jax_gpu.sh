@@ -7,6 +7,7 @@
 # and Keras's wheels in .whl/ (see tools/h200/README.md). Writes logs and JSON
 # results to $OUT (or out/h200 if $OUT is unset). Keeps going past failures:
 #   pass 1: every case, XLA's default flags (the claim under test);
+#   a diagnostic: how many kernels (fusions) XLA makes of each update;
 #   pass 2: with --xla_allow_excess_precision=false, the cases pass 1 found
 #           different (a diagnostic; all cases if pass 1 passed), as time allows.
 # Also runs on a CPU machine with JAX (then the wheels are not needed).
@@ -33,6 +34,9 @@ echo "[$(stamp)] pass 1: XLA default flags"
 env -u XLA_FLAGS timeout "${PASS1_SECONDS:-140}" python3 tools/jax_parity.py check "$REFERENCE" \
   --json "$OUT/default.json" 2>&1 | grep -v "^WARNING: All log\|^I0000" | tee "$OUT/default.log"
 echo "[$(stamp)] pass 1 exit status ${PIPESTATUS[0]}"
+
+echo "[$(stamp)] diagnostic: kernels XLA makes of one update (for the benchmark to come)"
+timeout 30 python3 tools/jax_parity.py fusions 2>&1 | grep "kernels" | tee "$OUT/fusions.log"
 
 CASES=$(python3 - "$OUT/default.json" <<'PY' 2>/dev/null
 import json, sys
