@@ -85,7 +85,7 @@ def test_cases_cover_every_optimizer_rounding_and_dtype():
         for rounding in jax_parity.ROUNDINGS:
             for dtype in jax_parity.DTYPES:
                 assert f"opt/{label}-{rounding}-{dtype}" in names
-    for label in ("SGD", "SGD_momentum", "Adam", "Lion"):
+    for label in ("SGD", "SGD_momentum", "Adam", "AdamW", "Lion"):
         assert f"opt/{label}+sparse-kahan-bfloat16" in names
 
 

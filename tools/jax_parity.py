@@ -129,7 +129,7 @@ def cases():
                     exclude=["bias"] if feature.startswith("weight_decay") else None,
                     steps=6 if feature in ("accumulation", "ema_overwrite") else STEPS))
     # Sparse gradients: an embedding table (IndexedSlices on TensorFlow).
-    for label in ("SGD", "SGD_momentum", "Adam", "Lion"):
+    for label in ("SGD", "SGD_momentum", "Adam", "AdamW", "Lion"):
         optimizer, kwargs = OPTIMIZERS[label]
         for rounding in ROUNDINGS:
             for dtype in DTYPES:
