@@ -10,9 +10,13 @@ under `jit` XLA fuses one update into one elementwise kernel: no custom call.
 Same names, arguments and results as `tf_bf16.ops`, bit for bit
 (tests/test_jax_ops.py compares them with the TensorFlow CPU kernels).
 
-    update = jax.jit(functools.partial(jax_ops.apply_adam, rounding="kahan", seed=7))
-    new = update(w, g, m, v, 1e-3, step=t, compensation=c)
+    update = jax.jit(functools.partial(jax_ops.apply_adam, rounding="kahan", seed=7),
+                     donate_argnames=("variable", "m", "v", "compensation"))
+    new = update(w, g, m, v, lr, step=t, compensation=c)   # lr, t: arrays (traced)
     w, m, v, c = new["variable"], new["m"], new["v"], new["compensation"]
+
+Donated buffers are reused for the results, so an update of an array of any
+size (below 2**32 elements) needs no second copy of its state.
 
 Not for: sparse gradients (JAX differentiates to dense arrays; see
 docs/rounding.md, section 8), variables of 2**32 elements or more, and

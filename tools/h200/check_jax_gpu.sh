@@ -31,12 +31,12 @@ python3 -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'ker
   || echo "[$(stamp)] jax/keras import failed"
 
 echo "[$(stamp)] pass 1: XLA default flags"
-env -u XLA_FLAGS timeout "${PASS1_SECONDS:-140}" python3 tools/jax_parity.py check "$REFERENCE" \
+env -u XLA_FLAGS timeout "${PASS1_SECONDS:-125}" python3 tools/jax_parity.py check "$REFERENCE" \
   --json "$OUT/default.json" 2>&1 | grep -v "^WARNING: All log\|^I0000" | tee "$OUT/default.log"
 echo "[$(stamp)] pass 1 exit status ${PIPESTATUS[0]}"
 
 echo "[$(stamp)] diagnostic: kernels XLA makes of one update (for the benchmark to come)"
-timeout 30 python3 tools/jax_parity.py fusions 2>&1 | grep "kernels" | tee "$OUT/fusions.log"
+timeout 15 python3 tools/jax_parity.py fusions 2>&1 | grep "kernels" | tee "$OUT/fusions.log"
 
 CASES=$(python3 - "$OUT/default.json" <<'PY' 2>/dev/null
 import json, sys
@@ -45,7 +45,7 @@ print(" ".join(f"--case={r['name']}" for r in results if r["verdict"] != "PASS")
 PY
 )
 echo "[$(stamp)] pass 2: XLA_FLAGS=--xla_allow_excess_precision=false ${CASES:-(all cases)}"
-XLA_FLAGS=--xla_allow_excess_precision=false timeout "${PASS2_SECONDS:-30}" python3 \
+XLA_FLAGS=--xla_allow_excess_precision=false timeout "${PASS2_SECONDS:-20}" python3 \
   tools/jax_parity.py check "$REFERENCE" --json "$OUT/no_excess_precision.json" $CASES 2>&1 \
   | grep -v "^WARNING: All log\|^I0000" | tee "$OUT/no_excess_precision.log" | grep -v " PASS "
 echo "[$(stamp)] pass 2 exit status ${PIPESTATUS[0]}; results in $OUT"
