@@ -7,7 +7,8 @@ without it, then: `import tf_bf16`; a short `fit` with each optimizer and
 rounding (Dense, BatchNormalization, Embedding) under `set_policy()`; the
 strict policy refusing a float32 layer before any weight changes (in `fit`
 and in a custom loop) and accepting it with `keep_float32`; the audit's
-variable report. Prints "OK" and exits 0, or raises.
+variable report; a custom jitted loop whose BatchNormalization statistics,
+keyed with `tf_bf16.moving_statistics_step`, are `fit`'s to the bit. Prints "OK" and exits 0, or raises.
 """
 
 import importlib.abc
@@ -116,6 +117,67 @@ assert report.traced.startswith("no (Keras jax backend)"), report.traced
 assert any("Not traced" in note for note in report.notes), report.notes
 assert str(report)
 print(report.summary)
+
+# A custom jitted loop keys BatchNormalization statistics on the traced step when
+# wrapped in moving_statistics_step: the same bits as fit. (Inputs k/64 and momentum
+# 0.5 make Keras's statistics exact, so only the rounding can differ.)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+x_bn = (rng.integers(-32, 33, size=(64, 4)) / 64).astype("float32")
+y_bn = rng.standard_normal((64, 1)).astype("float32")
+
+
+def bn_model():
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.BatchNormalization(momentum=0.5, name="bn"),
+                              keras.layers.Dense(1, name="head")])
+    model.compile(tf_bf16.optimizers.SGD(0.01, rounding="stochastic", seed=5), loss="mse")
+    return model
+
+
+def statistics(model):
+    bn = model.get_layer("bn")
+    return [np.asarray(bn.moving_mean.value), np.asarray(bn.moving_variance.value)]
+
+
+tf_bf16.set_policy()
+fitted = bn_model()
+fitted.fit(x_bn, y_bn, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+model = bn_model()
+optimizer = model.optimizer
+tf_bf16.prepare_model(model)        # what fit does when training starts
+optimizer.build(model.trainable_variables)
+
+
+def loss_fn(trainable, non_trainable, optimizer_variables, x, y):
+    with tf_bf16.moving_statistics_step(optimizer, optimizer_variables):
+        y_pred, non_trainable = model.stateless_call(trainable, non_trainable, x,
+                                                     training=True)
+    return jnp.mean((y_pred.astype("float32") - y) ** 2), non_trainable
+
+
+@jax.jit
+def train_step(trainable, non_trainable, optimizer_variables, x, y):
+    (_, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, non_trainable, optimizer_variables, x, y)
+    trainable, optimizer_variables = optimizer.stateless_apply(optimizer_variables, grads,
+                                                               trainable)
+    return trainable, non_trainable, optimizer_variables
+
+
+state = ([v.value for v in model.trainable_variables],
+         [v.value for v in model.non_trainable_variables],
+         [v.value for v in optimizer.variables])
+for start in range(0, 64, 8):
+    state = train_step(*state, x_bn[start:start + 8], y_bn[start:start + 8])
+for variable, value in zip(model.non_trainable_variables, state[1]):
+    variable.assign(value)
+for got, want in zip(statistics(model), statistics(fitted)):
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16)), (got, want)
+print("custom loop with moving_statistics_step: the statistics of fit, bit for bit")
 
 # The TensorFlow-only modules say what to use instead.
 try:

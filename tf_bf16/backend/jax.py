@@ -24,7 +24,6 @@ import contextlib
 import contextvars
 import functools
 
-import jax
 import jax.numpy as jnp
 import keras
 from jax import lax
