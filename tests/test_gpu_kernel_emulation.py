@@ -67,6 +67,7 @@ class Call(ctypes.Structure):
         ("seed", ctypes.c_int64), ("step", ctypes.c_int64), ("var_id", ctypes.c_int64),
         ("threads", ctypes.c_uint64), ("allow_vector", ctypes.c_int32),
         ("unused", ctypes.c_int32), ("first_index", ctypes.c_int64),
+        ("one_minus_beta1", ctypes.c_float), ("one_minus_beta2", ctypes.c_float),
     ]
 
 
@@ -224,6 +225,8 @@ class Case:
         c.lr, c.momentum, c.weight_decay = LR, MOMENTUM if self.momentum else 0.0, self.weight_decay
         c.beta1, c.beta2 = (LION_BETA_1, LION_BETA_2) if self.op == "lion" else (BETA_1, BETA_2)
         c.epsilon = EPSILON
+        # Adam's constants as tf_bf16.ops computes them (Keras: 1 - beta in Python).
+        c.one_minus_beta1, c.one_minus_beta2 = float(np.float32(1 - BETA_1)), float(np.float32(1 - BETA_2))
         powers = tf.pow(tf.constant([BETA_1, BETA_2], tf.float32), float(STEP + 1)).numpy()
         c.beta1_power, c.beta2_power = float(powers[0]), float(powers[1])
         c.nesterov = int(self.nesterov)

@@ -1,6 +1,6 @@
 """Argument checks shared by the op wrappers (tf_bf16.ops) and the reference,
-and the one list of rounding modes (`ROUNDINGS`, also `tf_bf16.ROUNDINGS`) that
-the ops, the optimizers and the tests use.
+and the one list of rounding modes (`ROUNDINGS`, also `tf_bf16.ROUNDINGS`, defined
+in tf_bf16/_spec.py) that the ops, the optimizers and the tests use.
 
 Checks that can be made from static information (dtypes, ranks, known shapes,
 rounding names) raise here, at call or trace time, naming the variable; the
@@ -10,9 +10,8 @@ rate, index range), always before writing anything.
 
 import tensorflow as tf
 
-# How a bf16 result is rounded (docs/rounding.md): round to nearest even, stochastic
-# rounding, or round to nearest with a Kahan compensation buffer.
-ROUNDINGS = ("nearest", "stochastic", "kahan")
+from tf_bf16._spec import ROUNDINGS  # noqa: F401  (re-exported: the ops' one list)
+
 UPDATABLE_DTYPES = (tf.float32, tf.bfloat16)
 
 

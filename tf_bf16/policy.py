@@ -21,16 +21,25 @@ variable's path, so resumed training draws the same bits. No model change.
 Compiled metrics compute in float32 and initializers without a bf16 kernel
 (Keras's `Orthogonal`) draw in float32 and cast, while the policy is active
 (tf_bf16.keras_hooks).
+
+Both Keras backends: on TensorFlow the hook is the trainer's
+`make_train_function`; on JAX also, and the JAX train step hands its traced
+iteration count to the statistics' rounding (tf_bf16.backend.jax). In a custom
+JAX training loop that calls `model.stateless_call(..., training=True)` under
+`jax.jit`, wrap that call in `tf_bf16.moving_statistics_step(optimizer,
+optimizer_variables)`, else the statistics are keyed on a trace-time constant.
 """
 
+import contextlib
 import dataclasses
-import functools
 import re
 import weakref
 import zlib
 
 import keras
-import tensorflow as tf
+
+from tf_bf16 import backend
+from tf_bf16._spec import MOVING_STATISTICS_STREAM
 
 from tf_bf16 import keras_hooks
 
@@ -249,21 +258,16 @@ def prepare_model(model):
 _HOOK_INSTALLED = False
 
 
+def _prepare_if_active(model):
+    if _STATE.active:
+        prepare_model(model)
+
+
 def _install_training_hook():
     global _HOOK_INSTALLED
     if _HOOK_INSTALLED:
         return
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    original = tf_trainer.TensorFlowTrainer.make_train_function
-
-    @functools.wraps(original)
-    def make_train_function(self, force=False):
-        if _STATE.active and (force or self.train_function is None):
-            prepare_model(self)
-        return original(self, force=force)
-
-    tf_trainer.TensorFlowTrainer.make_train_function = make_train_function
+    backend.ops.install_training_hook(_prepare_if_active)
     _HOOK_INSTALLED = True
 
 
@@ -278,13 +282,28 @@ _MOVING_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm
 def stream_id(name):
     """A stable 64-bit stream id from a name (CRC-32, bit 62 set to keep it apart
     from optimizer variable indices)."""
-    return (1 << 62) | zlib.crc32(name.encode())
+    return MOVING_STATISTICS_STREAM | zlib.crc32(name.encode())
+
+
+def moving_statistics_step(optimizer, optimizer_variables):
+    """Context manager for custom JAX training loops (a no-op on TensorFlow).
+
+    Inside it, BatchNormalization statistics are keyed on the iteration count
+    held in `optimizer_variables` (the values a stateless loop passes for
+    `optimizer.variables`, traced under `jax.jit`), as `fit` does:
+
+        with tf_bf16.moving_statistics_step(optimizer, optimizer_variables):
+            y, non_trainable = model.stateless_call(trainable, non_trainable, x,
+                                                    training=True)
+    """
+    if backend.NAME == "jax":
+        return backend.ops.optimizer_state(optimizer, optimizer_variables)
+    return contextlib.nullcontext()
 
 
 def install_moving_statistics_rounding(model, optimizer):
     """Stores bf16 BatchNormalization statistics of `model` with stochastic rounding."""
-    from tf_bf16 import ops
-
+    ops = backend.ops
     seed = getattr(optimizer, "seed", None)
     seed = _STATE.seed if not isinstance(seed, int) else seed
     for layer in model._flatten_layers(include_self=False):
@@ -298,13 +317,14 @@ def install_moving_statistics_rounding(model, optimizer):
             variable._tf_bf16_original_assign = original
 
             def assign(value, _original=original, _stream=stream_id(f"{layer.name}/{attr}")):
-                value = tf.convert_to_tensor(value)
-                if value.dtype != tf.float32:
+                value, is_float32 = ops.is_float32_tensor(value)
+                if not is_float32:
                     return _original(value)
                 # Keyed on "layer name/attribute": unlike the variable path (which
                 # Keras prefixes differently after a Sequential model is reloaded),
                 # it survives save and load, so resumed training is bit-identical.
-                rounded = ops.stochastic_round(value, seed, optimizer.iterations, _stream)
+                rounded = ops.stochastic_round(value, seed, ops.statistics_step(optimizer),
+                                               _stream)
                 return _original(rounded)
 
             variable.assign = assign

@@ -11,10 +11,13 @@ optimizations may reassociate float arithmetic.
 import tensorflow as tf
 
 from tf_bf16 import _args
-
-# docs/rounding.md, "Random bits".
-STREAM_KEY_INIT = 0x6A09E667
-WEIGHT_LANE, FIRST_SLOT_LANE, SECOND_SLOT_LANE, MAX_SLOT_LANE = 0, 1, 2, 3
+from tf_bf16._spec import CANONICAL_NAN_BF16
+from tf_bf16._spec import CANONICAL_NAN_FLOAT32
+from tf_bf16._spec import FIRST_SLOT_LANE
+from tf_bf16._spec import MAX_SLOT_LANE
+from tf_bf16._spec import SECOND_SLOT_LANE
+from tf_bf16._spec import STREAM_KEY_INIT
+from tf_bf16._spec import WEIGHT_LANE
 
 _U32 = tf.uint32
 
@@ -64,10 +67,6 @@ def _bits(x):
 def _to_bf16(bits32):
     """The bfloat16 whose bit pattern is the low 16 bits of bits32 (< 2**16)."""
     return tf.bitcast(tf.cast(bits32, tf.uint16), tf.bfloat16)
-
-
-CANONICAL_NAN_BF16 = 0x7FC0
-CANONICAL_NAN_FLOAT32 = 0x7FC00000
 
 
 def _nan_or(bits, rounded):

@@ -21,12 +21,14 @@ sys.path.insert(0, ROOT)
 
 def _entries():
     import tf_bf16
+    from tf_bf16 import jax_ops
     from tf_bf16 import ops
     from tf_bf16 import optimizers
 
     return [
         ("Policy", [tf_bf16.set_policy, tf_bf16.reset_policy, tf_bf16.keep_float32,
-                    tf_bf16.check_model, tf_bf16.prepare_model]),
+                    tf_bf16.check_model, tf_bf16.prepare_model,
+                    tf_bf16.moving_statistics_step]),
         ("Optimizers", [optimizers.SGD, optimizers.Adam, optimizers.AdamW, optimizers.Lion]),
         ("Audit", [tf_bf16.audit, tf_bf16.AuditReport]),
         ("Compare", [tf_bf16.compare]),
@@ -34,6 +36,9 @@ def _entries():
         ("Losses", [tf_bf16.losses.bf16_loss, tf_bf16.losses.BFloat16SoftmaxCrossEntropy]),
         ("Ops", [ops.stochastic_round, ops.rounded_assign_add, ops.apply_sgd, ops.apply_adam,
                  ops.apply_lion]),
+        ("JAX functions", [jax_ops.stochastic_round, jax_ops.rounded_assign_add,
+                           jax_ops.apply_sgd, jax_ops.apply_adam, jax_ops.apply_lion,
+                           jax_ops.moving_average]),
         ("Errors", [tf_bf16.StrictPolicyError, tf_bf16.OpLibraryError]),
     ]
 

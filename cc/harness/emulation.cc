@@ -57,6 +57,8 @@ struct TfBf16EmulatedCall {
   int32_t allow_vector;
   int32_t unused;
   int64_t first_index;  // dense only, see HostEmulator::first_index
+  // Adam's 1 - beta, computed by the caller as Keras does (docs/rounding.md 5.3).
+  float one_minus_beta1, one_minus_beta2;
 };
 
 }  // extern "C"
@@ -78,8 +80,8 @@ int Run(const TfBf16EmulatedCall& c, const k::HostEmulator& ex) {
   tf_bf16::AdamScalars adam;
   adam.lr = c.lr;
   adam.alpha = c.lr * std::sqrt(1.0f - c.beta2_power) / (1.0f - c.beta1_power);
-  adam.one_minus_beta1 = 1.0f - c.beta1;
-  adam.one_minus_beta2 = 1.0f - c.beta2;
+  adam.one_minus_beta1 = c.one_minus_beta1;
+  adam.one_minus_beta2 = c.one_minus_beta2;
   adam.epsilon = c.epsilon;
   adam.weight_decay = c.weight_decay;
   adam.weight_decay_mask = tf_bf16::MaskOf(c.weight_decay != 0.0f);
@@ -151,8 +153,8 @@ int Reference(const TfBf16EmulatedCall& c) {
   tf_bf16::AdamScalars adam;
   adam.lr = c.lr;
   adam.alpha = c.lr * std::sqrt(1.0f - c.beta2_power) / (1.0f - c.beta1_power);
-  adam.one_minus_beta1 = 1.0f - c.beta1;
-  adam.one_minus_beta2 = 1.0f - c.beta2;
+  adam.one_minus_beta1 = c.one_minus_beta1;
+  adam.one_minus_beta2 = c.one_minus_beta2;
   adam.epsilon = c.epsilon;
   adam.weight_decay = c.weight_decay;
   adam.weight_decay_mask = tf_bf16::MaskOf(c.weight_decay != 0.0f);

@@ -34,6 +34,11 @@ Markdown, JSON). This module only puts the parts together.
 Names: `tf_bf16.audit` is the function `audit` below and `tf_bf16.AuditReport`
 its result; the bf16 loss the fixes recommend is `tf_bf16.losses.bf16_loss`.
 
+On Keras's JAX backend the audit reports parts 1, 2 and 4 (variables,
+bytes, summary) and says that nothing was traced: part 3 reads the graph of a
+`tf.function`, which exists only on the TensorFlow backend (a JAX train step
+is an XLA computation; its float32 ops are not attributed to layers here).
+
 What the audit changes: it builds the optimizer if it is not built (creating
 its slots, zero-initialized), builds the model's compiled metrics, and, if
 `tf_bf16.set_policy()` is active, installs the stochastic rounding of
@@ -44,11 +49,11 @@ Not here: anything that changes how a model trains (tf_bf16.policy,
 tf_bf16.optimizers, tf_bf16.losses).
 """
 
+from tf_bf16 import backend as _backend
 from tf_bf16 import policy as _policy
 from tf_bf16.auditing import fixes as _fixes
 from tf_bf16.auditing import inventory as _inventory
 from tf_bf16.auditing import report as _report
-from tf_bf16.auditing import trace as _trace
 from tf_bf16.auditing.report import AuditReport
 from tf_bf16.auditing.report import DtypeTotal
 from tf_bf16.auditing.report import FixRow
@@ -88,6 +93,7 @@ def audit(model, x=None, y=None, optimizer=None, *, loss=None, sample_weight=Non
         loss: a loss (`keras.losses.Loss`, name or callable) for a model that
             was not compiled with one.
         trace: `False` skips tracing the step: only variables and bytes.
+            On the JAX backend the step is never traced (a note says so).
 
     Returns:
         An `AuditReport`. `print(report)` shows it; `report.to_dict()` is
@@ -106,10 +112,22 @@ def audit(model, x=None, y=None, optimizer=None, *, loss=None, sample_weight=Non
     """
     optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
     notes = []
+    traced = "no (trace=False)"
+    if trace and _backend.NAME != "tensorflow":
+        trace = False
+        traced = f"no (Keras {_backend.NAME} backend)"
+        notes.append(f"Not traced: the op-level report reads a tf.function graph, which only "
+                     f"the TensorFlow backend has; on the {_backend.NAME} backend the audit "
+                     "reports variables and bytes only.")
     if not model.built:
         if x is None:
             raise ValueError("audit: the model is not built; pass a sample batch `x`.")
-        model(_trace.sample_batch(model, x, y, loss, sample_weight, batch_size)[0])
+        if _backend.NAME == "tensorflow":
+            from tf_bf16.auditing import trace as _trace
+
+            model(_trace.sample_batch(model, x, y, loss, sample_weight, batch_size)[0])
+        else:
+            model(_to_tensors(x))
     if optimizer is not None and not optimizer.built:
         _build_optimizer(optimizer, model)
         notes.append(f"The optimizer '{optimizer.name}' was not built; the audit built it "
@@ -117,8 +135,9 @@ def audit(model, x=None, y=None, optimizer=None, *, loss=None, sample_weight=Non
 
     traced_graph = None
     sample = "not traced"
-    traced = "no (trace=False)"
     if trace:
+        from tf_bf16.auditing import trace as _trace
+
         x, y, sample_weight, sample = _trace.sample_batch(model, x, y, loss, sample_weight,
                                                           batch_size)
         traced_graph, traced, step_notes = _trace.trace_train_step(model, optimizer, x, y, loss,
@@ -164,6 +183,14 @@ def audit(model, x=None, y=None, optimizer=None, *, loss=None, sample_weight=Non
         fixes=fixes,
         notes=notes,
     )
+
+
+def _to_tensors(x):
+    if _backend.NAME == "tensorflow":
+        from tf_bf16.auditing import trace as _trace
+
+        return _trace.to_tensors(x)
+    return x
 
 
 def _describe_optimizer(optimizer):

@@ -27,9 +27,6 @@ from tf_bf16.auditing.report import ROLE_TRAINABLE
 from tf_bf16.auditing.report import WIDE_FLOAT_DTYPES
 from tf_bf16.auditing.report import FixRow
 from tf_bf16.auditing.report import merge_fixes
-from tf_bf16.auditing.trace import compiled_losses
-from tf_bf16.losses import BFloat16SoftmaxCrossEntropy
-from tf_bf16.losses import bf16_loss
 
 _NORMALIZATION_CLASSES = ("BatchNormalization", "LayerNormalization", "GroupNormalization",
                           "RMSNormalization", "UnitNormalization", "SpectralNormalization")
@@ -173,6 +170,11 @@ def _loss_scope_name(loss):
 
 
 def _loss_fix(model, loss, loss_name):
+    # Only for a traced step, which exists on the TensorFlow backend only.
+    from tf_bf16.auditing.trace import compiled_losses
+    from tf_bf16.losses import BFloat16SoftmaxCrossEntropy
+    from tf_bf16.losses import bf16_loss
+
     losses = compiled_losses(model, loss)
     # The loss behind this group: same scope name, or the only one there is.
     matching = [item for item in losses if _loss_scope_name(item) == loss_name]

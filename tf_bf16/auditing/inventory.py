@@ -21,7 +21,8 @@ Not here: what the step computes (trace.py). Nothing is traced or run.
 import math
 
 import keras
-import tensorflow as tf
+import ml_dtypes
+import numpy as np
 
 from tf_bf16 import policy as _policy
 from tf_bf16.auditing.report import DtypeTotal
@@ -63,7 +64,8 @@ def dtype_name(dtype):
 
 
 def _dtype_size(dtype):
-    return tf.as_dtype(dtype_name(dtype)).size
+    name = dtype_name(dtype)
+    return np.dtype(getattr(ml_dtypes, name, name)).itemsize   # ml_dtypes: bfloat16, float8
 
 
 def _variable_row(variable, owner, owner_class, role):

@@ -1,4 +1,4 @@
-"""Keras 3 optimizers for pure-bfloat16 training (TensorFlow backend).
+"""Keras 3 optimizers for pure-bfloat16 training (TensorFlow and JAX backends).
 
 Drop-in replacements for their Keras namesakes with two more arguments,
 `rounding` ("kahan" by default, "stochastic", "nearest") and `seed`.

@@ -19,8 +19,9 @@ methods here wrap Keras's:
 - the strict all-bf16 policy check when the optimizer is built;
 - the Keras docstring splice (``{{base_optimizer_keyword_args}}``).
 
-Not here: the update math itself (tf_bf16.ops and the C++ kernels) and the
-policy (tf_bf16.policy).
+Not here: the update math itself (tf_bf16.ops and the C++ kernels on the
+TensorFlow backend, tf_bf16.jax_ops on the JAX backend; `tf_bf16.backend.ops`
+is the running backend's) and the policy (tf_bf16.policy).
 
 Random streams (docs/rounding.md, section 6): weight ``i`` of the optimizer's
 variable list uses ``var_id = i``; its EMA copy ``i + 2**32`` and its gradient
@@ -33,15 +34,14 @@ import secrets
 import weakref
 
 import keras
-import tensorflow as tf
 from keras.src.optimizers import optimizer as _keras_optimizer
 
-from tf_bf16 import ops
+from tf_bf16 import backend
 from tf_bf16 import policy
-from tf_bf16._args import ROUNDINGS
-
-EMA_STREAM = 1 << 32
-GRADIENT_ACCUMULATOR_STREAM = 2 << 32
+from tf_bf16._spec import EMA_STREAM
+from tf_bf16._spec import GRADIENT_ACCUMULATOR_STREAM
+from tf_bf16._spec import ROUNDINGS
+from tf_bf16.backend import ops
 
 # Keras fills its optimizers' docstrings from this text; ours too.
 BASE_OPTIMIZER_KEYWORD_ARGS = _keras_optimizer.base_optimizer_keyword_args
@@ -69,19 +69,14 @@ def has_fused_update(variable):
 
 
 def dense_gradient(gradient):
-    """IndexedSlices -> dense float32 tensor (Keras applies these optimizers densely)."""
-    if isinstance(gradient, tf.IndexedSlices):
-        return tf.convert_to_tensor(tf.IndexedSlices(
-            tf.cast(gradient.values, tf.float32), gradient.indices, gradient.dense_shape))
-    return gradient
+    """IndexedSlices -> dense float32 tensor (Keras applies these optimizers densely);
+    dense gradients (all of them on JAX) as they are."""
+    return ops.dense_gradient(gradient)
 
 
 def deduplicated_slices(gradient):
     """Sums the rows of duplicate indices (in float32), as a plain scatter-add would."""
-    unique_indices, positions = tf.unique(gradient.indices)
-    values = tf.math.unsorted_segment_sum(tf.cast(gradient.values, tf.float32), positions,
-                                          tf.shape(unique_indices)[0])
-    return tf.IndexedSlices(values, unique_indices, gradient.dense_shape)
+    return ops.deduplicated_slices(gradient)
 
 
 class Bf16Optimizer:
@@ -124,8 +119,9 @@ class Bf16Optimizer:
         # _apply_weight_decay leaves to the update step.
         weight_decay = self._weight_decay_for(variable)
         if weight_decay:
-            lr = tf.cast(learning_rate, variable.dtype)
-            variable.assign(variable - variable * tf.cast(weight_decay, variable.dtype) * lr)
+            lr = keras.ops.cast(learning_rate, variable.dtype)
+            variable.assign(
+                variable - variable * keras.ops.cast(weight_decay, variable.dtype) * lr)
         return super().update_step(gradient, variable, learning_rate)
 
     def fused_update_step(self, gradient, variable, learning_rate):
@@ -176,27 +172,38 @@ class Bf16Optimizer:
             if average is None:
                 continue
             if not has_fused_update(average):  # Keras's own EMA, in the variable's dtype
-                momentum = tf.cast(tf.not_equal(self.iterations, 0), var.dtype) * \
-                    tf.cast(self.ema_momentum, var.dtype)
+                momentum = keras.ops.cast(keras.ops.not_equal(self.iterations, 0), var.dtype) * \
+                    keras.ops.cast(self.ema_momentum, var.dtype)
                 average.assign(momentum * average + (1 - momentum) * var)
                 continue
-            not_first_step = tf.cast(tf.not_equal(self.iterations, 0), tf.float32)
-            momentum = not_first_step * self.ema_momentum
-            old = tf.cast(average, tf.float32)
-            new = momentum * old + (1.0 - momentum) * tf.cast(var, tf.float32)
-            ops.rounded_assign_add(average, new - old, rounding=self._state_rounding(),
-                                   seed=self.seed, step=self._iterations,
-                                   var_id=index + EMA_STREAM)
+            ops.moving_average(average, var, self.ema_momentum, self.iterations,
+                               rounding=self._state_rounding(), seed=self.seed,
+                               step=self._iterations, var_id=index + EMA_STREAM)
+
+    def _overwrite_model_variables_with_average_value(self, trainable_variables):
+        if backend.NAME != "jax":
+            return super()._overwrite_model_variables_with_average_value(trainable_variables)
+        # Keras assigns the average's array itself: the weight and its average then
+        # share one buffer, and the next `fit` (whose train step donates its state)
+        # fails ("Attempt to donate the same buffer twice"; stock Keras 3.15.1 too).
+        for var, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                var.assign(keras.ops.copy(average.value))
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if self.gradient_accumulation_steps and backend.NAME == "jax":
+            # Keras's JAX optimizer adds accumulators in bf16, rounded to nearest.
+            return ops.apply_gradients_accumulating(self, grads, trainable_variables)
+        return super()._backend_apply_gradients(grads, trainable_variables)
 
     def _backend_increment_gradient_accumulators(self, grads, acc_grads):
         for grad, accumulator in zip(grads, acc_grads):
             if not has_fused_update(accumulator):
-                accumulator.assign(accumulator + tf.cast(dense_gradient(grad), accumulator.dtype))
+                accumulator.assign(
+                    accumulator + keras.ops.cast(dense_gradient(grad), accumulator.dtype))
                 continue
             index = next(i for i, a in enumerate(self._accumulated_gradients)
                          if a is accumulator)
-            ops.rounded_assign_add(accumulator, tf.cast(dense_gradient(grad), tf.float32),
-                                   rounding=self._state_rounding(), seed=self.seed,
-                                   step=self._iterations,
-                                   var_id=index + GRADIENT_ACCUMULATOR_STREAM)
-
+            ops.accumulate_gradient(accumulator, grad, rounding=self._state_rounding(),
+                                    seed=self.seed, step=self._iterations,
+                                    var_id=index + GRADIENT_ACCUMULATOR_STREAM)

@@ -1,6 +1,6 @@
 import keras
 
-from tf_bf16 import ops
+from tf_bf16.backend import ops
 from tf_bf16.optimizers import base
 
 

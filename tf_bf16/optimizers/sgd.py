@@ -1,6 +1,6 @@
 import keras
 
-from tf_bf16 import ops
+from tf_bf16.backend import ops
 from tf_bf16.optimizers import base
 
 
@@ -25,6 +25,14 @@ class SGD(base.Bf16Optimizer, keras.optimizers.SGD):
     ```
 
     When `momentum` is 0: `w = w - learning_rate * g`.
+
+    Sparse gradients (`tf.IndexedSlices`, e.g. from `Embedding`, TensorFlow
+    backend): without momentum and weight decay only the rows looked up are
+    updated, duplicate rows summed in float32 first; with momentum, weight
+    decay or `rounding="kahan"` the gradient is densified and every row takes
+    the step, which is the update the JAX backend (whose gradients are dense)
+    computes too. For stochastic and nearest rounding the two are the same
+    bits: a zero gradient leaves a bf16 weight as it is.
 
     Args:
         learning_rate: A float, a
@@ -90,10 +98,17 @@ class SGD(base.Bf16Optimizer, keras.optimizers.SGD):
         """One fused, in-place update of `variable` (`tf_bf16.ops.apply_sgd`)."""
         index = self._get_variable_index(variable)
         accumulator = self.momentums[index] if self.momentum != 0 else None
+        compensation = self._compensations[index]
         if accumulator is not None or self._weight_decay_for(variable):
             # Momentum or weight decay makes every row move every step, as in Keras.
             gradient = base.dense_gradient(gradient)
-        elif hasattr(gradient, "indices"):
+        elif compensation is not None:
+            # A Kahan step with a zero gradient is not always a no-op (w - c can
+            # round to a neighbour of w at a tie): skipping the rows without a
+            # gradient would differ from the dense update, and from JAX, whose
+            # gradients are dense.
+            gradient = base.dense_gradient(gradient)
+        elif ops.is_sparse(gradient):
             gradient = base.deduplicated_slices(gradient)
         ops.apply_sgd(
             variable,

@@ -1,0 +1,77 @@
+"""The TensorFlow side of tf_bf16.backend: the compiled ops, on Keras variables.
+
+The update functions are `tf_bf16.ops` itself (the C++ kernels update the
+variables in place). Not imported on other backends.
+"""
+
+import functools
+
+import tensorflow as tf
+
+from tf_bf16.ops import apply_adam  # noqa: F401
+from tf_bf16.ops import apply_lion  # noqa: F401
+from tf_bf16.ops import apply_sgd  # noqa: F401
+from tf_bf16.ops import rounded_assign_add
+from tf_bf16.ops import stochastic_round  # noqa: F401
+
+
+def is_sparse(gradient):
+    return isinstance(gradient, tf.IndexedSlices)
+
+
+def dense_gradient(gradient):
+    """IndexedSlices -> dense float32 tensor (duplicate rows summed in float32)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.convert_to_tensor(tf.IndexedSlices(
+            tf.cast(gradient.values, tf.float32), gradient.indices, gradient.dense_shape))
+    return gradient
+
+
+def deduplicated_slices(gradient):
+    """Sums the rows of duplicate indices (in float32), as a plain scatter-add would."""
+    unique_indices, positions = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(tf.cast(gradient.values, tf.float32), positions,
+                                          tf.shape(unique_indices)[0])
+    return tf.IndexedSlices(values, unique_indices, gradient.dense_shape)
+
+
+def moving_average(average, variable, ema_momentum, iterations, rounding, seed, step, var_id):
+    """Keras's EMA step on a bf16/float32 `average`, committed with one rounding."""
+    not_first_step = tf.cast(tf.not_equal(iterations, 0), tf.float32)
+    momentum = not_first_step * ema_momentum
+    old = tf.cast(average, tf.float32)
+    new = momentum * old + (1.0 - momentum) * tf.cast(variable, tf.float32)
+    rounded_assign_add(average, new - old, rounding=rounding, seed=seed, step=step,
+                       var_id=var_id)
+
+
+def accumulate_gradient(accumulator, gradient, rounding, seed, step, var_id):
+    """accumulator += gradient, rounded (bf16/float32 accumulators)."""
+    rounded_assign_add(accumulator, tf.cast(dense_gradient(gradient), tf.float32),
+                       rounding=rounding, seed=seed, step=step, var_id=var_id)
+
+
+def is_float32_tensor(value):
+    """(tensor, whether it is float32): how the moving-statistics hook sees an assign."""
+    value = tf.convert_to_tensor(value)
+    return value, value.dtype == tf.float32
+
+
+def statistics_step(optimizer):
+    """The step that keys BatchNormalization statistics: the optimizer's iterations."""
+    return optimizer.iterations
+
+
+def install_training_hook(prepare):
+    """Runs `prepare(model)` when a TensorFlow trainer makes its train function."""
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    original = tf_trainer.TensorFlowTrainer.make_train_function
+
+    @functools.wraps(original)
+    def make_train_function(self, force=False):
+        if force or self.train_function is None:
+            prepare(self)
+        return original(self, force=force)
+
+    tf_trainer.TensorFlowTrainer.make_train_function = make_train_function
