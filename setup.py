@@ -31,6 +31,21 @@ HEADERS = [
     "cc/kernels/bf16_update_math.h",
     "cc/kernels/bf16_training_ops.h",
 ]
+
+# XLA lowering (REGISTER_XLA_OP, for jit_compile=True): the tf2xla/XLA headers
+# include highwayhash and farmhash from the wheel's external/ directory, and
+# the XlaOpKernel symbols live in libtensorflow_cc.so.2. Applied to every
+# source so that one set of compile flags describes the library (BUILD too).
+OP_SOURCES += ["cc/kernels/bf16_training_ops_xla.cc"]
+HEADERS += ["cc/kernels/bf16_update_math_xla.h"]
+XLA_INCLUDE_SUBDIRS = ["external/highwayhash", "external/farmhash_archive/src"]
+XLA_LINK_FLAGS = ["-l:libtensorflow_cc.so.2"]
+
+
+def xla_include_flags(tf_include_flags):
+    """-I<tf include>/<subdir> for XLA_INCLUDE_SUBDIRS, next to TensorFlow's -I."""
+    tf_include = next(f[2:] for f in tf_include_flags if f.startswith("-I"))
+    return ["-I" + os.path.join(tf_include, sub) for sub in XLA_INCLUDE_SUBDIRS]
 # -ffp-contract=off: no fused multiply-add, so the float32 math rounds after
 # every operation exactly as the TensorFlow reference does (docs/rounding.md).
 # -fno-trapping-math: nothing here relies on floating-point traps; without it
@@ -98,7 +113,8 @@ class BuildTfOps(build_ext):
         obj_dir = os.path.join(self.build_temp, "tf_bf16_objs")
         os.makedirs(obj_dir, exist_ok=True)
         cxx = os.environ.get("CXX", "g++")
-        compile_flags = CXXFLAGS + cpu_flags() + info["compile"] + ["-I" + ROOT]
+        compile_flags = (CXXFLAGS + cpu_flags() + info["compile"]
+                         + xla_include_flags(info["compile"]) + ["-I" + ROOT])
 
         def compile_one(src):
             obj = os.path.join(obj_dir, src.replace("/", "_").replace(".cc", ".o"))
@@ -109,7 +125,7 @@ class BuildTfOps(build_ext):
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objs = list(pool.map(compile_one, ext.sources))
-        link = [cxx, "-shared", "-o", out] + objs + info["link"] + [
+        link = [cxx, "-shared", "-o", out] + objs + info["link"] + XLA_LINK_FLAGS + [
             "-Wl,-rpath," + info["lib"], "-Wl,--no-undefined"]
         print(" ".join(link), flush=True)
         subprocess.run(link, check=True)
