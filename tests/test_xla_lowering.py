@@ -45,7 +45,7 @@ STEPS = 3
 HYPERPARAMETERS = dict(lr=km.LR, momentum=km.MOMENTUM, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                        lion_beta_1=0.9, lion_beta_2=0.99, weight_decay_scale=1.0)
 
-MAX_STEP = 64
+MAX_STEP = 1024
 _EAGER_POWERS = {}
 
 
@@ -585,3 +585,24 @@ def test_excess_precision_flag_changes_no_bit(allow):
             assert got[name][role] == bits(v).tolist(), (
                 f"XLA_FLAGS=--xla_allow_excess_precision={allow}: {name}, {role} differs "
                 "from the kernel")
+
+
+def test_library_loaded_before_tensorflow_creates_its_devices():
+    """The other registration path (cc/kernels/bf16_training_ops_xla.cc): the
+    tests above load the op library after TensorFlow registered its JIT
+    kernels, here it is loaded first."""
+    script = (
+        "import tensorflow as tf\n"
+        "from tf_bf16 import _loader, ops\n"
+        "_loader.load()\n"
+        "v = tf.Variable(tf.zeros([4], tf.bfloat16))\n"
+        "@tf.function(jit_compile=True)\n"
+        "def f():\n"
+        "    ops.rounded_assign_add(v, tf.fill([4], 0.3), rounding='nearest')\n"
+        "f()\n"
+        "print('RESULT', v.numpy().astype('float32').tolist())\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT [0.30078125, 0.30078125, 0.30078125, 0.30078125]" in proc.stdout
