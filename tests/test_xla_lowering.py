@@ -461,7 +461,7 @@ def test_structural_errors_fail_to_compile_with_the_kernels_messages():
 
 
 # ---------------------------------------------------------------------------
-# Why the lowering is built as it is (docs/rounding.md 8.5).
+# Why the lowering is built as it is (docs/rounding.md 8.3).
 
 
 def test_naive_multiply_add_is_contracted_under_xla():
