@@ -606,3 +606,24 @@ def test_library_loaded_before_tensorflow_creates_its_devices():
                           env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT [0.30078125, 0.30078125, 0.30078125, 0.30078125]" in proc.stdout
+
+
+def test_exported_train_steps_run_bit_identical_under_jax(tmp_path):
+    """tools/xla_hlo_export.py + tools/xla_hlo_run_jax.py on JAX's CPU backend:
+    the HLO of every exported train step, compiled by JAX's XLA client, gives
+    the CPU kernels' bits; and the control shows this backend contracts plain
+    multiply-adds (so the float32 multiply-add cases would have caught it)."""
+    import importlib.util
+    if importlib.util.find_spec("jax") is None:
+        pytest.skip("JAX is not installed (tools/xla_hlo_run_jax.py needs it; no TensorFlow)")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = str(tmp_path / "xla_hlo")
+    export = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "xla_hlo_export.py"),
+                             "--out", out, "--elements", "4099"],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
+    assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "xla_hlo_run_jax.py"),
+                          out, "--backend", "cpu"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
+    assert "SUMMARY: 10 of 10 tf_bf16 cases bit-identical" in run.stdout, run.stdout
+    assert "multiply-adds ARE contracted" in run.stdout, run.stdout
