@@ -25,6 +25,7 @@ the lowering, so the comparisons here give both sides TensorFlow's powers.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -95,10 +96,18 @@ def _apply(module, variant, variables, gradient, rounding, step, hp):
                                  beta_1=hp["lion_beta_1"], beta_2=hp["lion_beta_2"],
                                  weight_decay=weight_decay, step=step, **common)
     return module.apply_adam(variables["var"], gradient, variables["m"], variables["v"],
-                             hp["lr"], beta_1=HYPERPARAMETERS["beta_1"],
-                             beta_2=HYPERPARAMETERS["beta_2"], epsilon=hp["epsilon"], step=step,
+                             hp["lr"], beta_1=hp["beta_1"], beta_2=hp["beta_2"],
+                             epsilon=hp["epsilon"], step=step,
                              vhat=variables.get("vhat"), weight_decay=weight_decay,
                              **common)
+
+
+def _run_time(hp):
+    """Hyperparameters as run-time tensors, except Adam's betas: Keras passes
+    Python floats, and the bias-correction powers are looked up by their value
+    (tensorflow_beta_powers)."""
+    return {k: v if k in ("beta_1", "beta_2") else tf.constant(v, tf.float32)
+            for k, v in hp.items()}
 
 
 def _xla_update(variant, variables, rounding, runtime_hyperparameters):
@@ -111,8 +120,7 @@ def _xla_update(variant, variables, rounding, runtime_hyperparameters):
         _apply(ops, variant, variables, gradient, rounding, step, hp)
 
     def run(gradient, step):
-        hp = {k: tf.constant(v, tf.float32) for k, v in HYPERPARAMETERS.items()}
-        update(gradient, tf.constant(step, tf.int64), hp)
+        update(gradient, tf.constant(step, tf.int64), _run_time(HYPERPARAMETERS))
 
     return run
 
@@ -224,7 +232,7 @@ def _run_sparse(checker, rng, variant, shape, index_lists, kind, index_dtype, dt
     state = km._initial_state(rng, variant, shape, dtype, rounding, kind)
     kernel_vars, xla_vars = km._variables(state), km._variables(state)
     xla = _xla_sparse_update(variant, xla_vars, rounding)
-    hp = {k: tf.constant(v, tf.float32) for k, v in HYPERPARAMETERS.items()}
+    hp = _run_time(HYPERPARAMETERS)
     for step, index_list in enumerate(index_lists):
         indices = tf.constant(index_list, index_dtype, shape=[len(index_list)])
         values = km._tensor(km._values(rng, (len(index_list),) + shape[1:], kind), gdtype)
@@ -312,6 +320,10 @@ def _assert_moved(variables, before, what):
     ("epsilon", -1e-7, km.AMSGRAD_WD, "Input 'epsilon' must be a finite, non-negative"),
     ("lr", float("nan"), km.LION_VARIANTS[1], "Input 'lr' must be a finite, non-negative"),
     ("lion_beta_1", 1.5, km.LION_VARIANTS[1], "Inputs 'beta1' and 'beta2' must be in [0, 1]"),
+    ("beta_1", 1.0, km.AMSGRAD_WD, "Inputs 'beta1' and 'beta2' must be in [0, 1)"),
+    ("beta_2", -0.5, km.AMSGRAD_WD, "Inputs 'beta1' and 'beta2' must be in [0, 1)"),
+    ("weight_decay_scale", float("nan"), km.NESTEROV_WD,
+     "Input 'weight_decay' must be a finite number"),
 ], ids=lambda p: p if isinstance(p, str) else None)
 def test_constant_bad_hyperparameter_fails_to_compile(name, value, variant, message):
     """A bad value known at compile time is an error then, with the kernel's message."""
@@ -323,7 +335,7 @@ def test_constant_bad_hyperparameter_fails_to_compile(name, value, variant, mess
     def update(gradient):
         _apply(ops, variant, variables, gradient, "kahan", 0, hp)
 
-    with pytest.raises(tf.errors.InvalidArgumentError, match=message.replace("[", r"\[")):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
         update(tf.ones((5, 3)))
     _assert_untouched(variables, before, f"{name}={value}")
 
@@ -341,6 +353,7 @@ def test_constant_bad_hyperparameter_fails_to_compile(name, value, variant, mess
     ("lr", float("-inf"), km.LION_VARIANTS[1]),
     ("lion_beta_2", 1.0000001, km.LION_VARIANTS[1]),
     ("lion_beta_1", -0.0000001, km.LION_VARIANTS[1]),
+    ("weight_decay_scale", float("nan"), km.NESTEROV_WD),
 ], ids=lambda p: p if isinstance(p, str) else None)
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_run_time_bad_hyperparameter_leaves_variables_untouched(name, value, variant, sparse):
@@ -351,8 +364,6 @@ def test_run_time_bad_hyperparameter_leaves_variables_untouched(name, value, var
         pytest.skip("Lion has no sparse op")
     variables = _fresh(variant)
     values = {k: tf.Variable(v, dtype=tf.float32) for k, v in HYPERPARAMETERS.items()}
-    values["beta_1"] = tf.Variable(0.9)
-    values["beta_2"] = tf.Variable(0.999)
 
     @tf.function(jit_compile=True)
     def update(gradient):
@@ -391,6 +402,27 @@ def _raw_adam(variables, gradient, values):
     return lib.tf_bf16_resource_apply_adam(grad=gradient, **common)
 
 
+def test_constant_beta1_power_of_one_fails_to_compile():
+    variables = _fresh(km.AMSGRAD_WD)
+    lib = ops._lib()
+
+    @tf.function(jit_compile=True)
+    def update():
+        lib.tf_bf16_resource_apply_adam(
+            var=variables["var"].handle, m=variables["m"].handle, v=variables["v"].handle,
+            vhat=[variables["vhat"].handle], compensation=[variables["compensation"].handle],
+            beta1_power=tf.constant(1.0), beta2_power=tf.constant(0.998), lr=tf.constant(0.01),
+            beta1=tf.constant(0.9), beta2=tf.constant(0.999), epsilon=tf.constant(1e-7),
+            weight_decay=tf.constant(0.0), grad=tf.ones((5, 3)), seed=tf.constant(1, tf.int64),
+            step=tf.constant(1, tf.int64), var_id=tf.constant(0, tf.int64), T=tf.bfloat16,
+            rounding="kahan")
+
+    before = _snapshot(variables)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Input 'beta1_power' is 1"):
+        update()
+    _assert_untouched(variables, before, "beta1_power=1")
+
+
 def test_run_time_beta1_power_of_one_leaves_variables_untouched():
     variables = _fresh(km.AMSGRAD_WD)
     power = tf.Variable(1.0)
@@ -421,7 +453,7 @@ def test_run_time_index_out_of_range_leaves_variables_untouched(variant, bad):
     a no-op (the CPU kernel raises before writing anything)."""
     variables = _fresh(variant)
     update = _xla_sparse_update(variant, variables, "kahan")
-    hp = {k: tf.constant(v, tf.float32) for k, v in HYPERPARAMETERS.items()}
+    hp = _run_time(HYPERPARAMETERS)
     before = _snapshot(variables)
     values = tf.ones((len(bad), 3))
     update(values, tf.constant(bad, tf.int64), tf.constant([5, 3], tf.int64),
@@ -496,7 +528,6 @@ def test_hlo_has_no_float_rounding_and_no_contractible_multiply(variant):
     types other than f32 <-> f64 (division and square root), so no f32->bf16->f32
     round trip for XLA to remove, and every float32 multiply is used only by a
     bitcast-convert (the denormal flush), never directly by an add."""
-    import re
     hlo = _hlo(variant, tf.bfloat16, "kahan")
     lines = [line.strip() for line in hlo.splitlines() if " = " in line]
     defs = {}
