@@ -188,12 +188,12 @@ class Variables {
   absl::StatusOr<int> Add(const char* name) {
     int start, stop;
     TF_RETURN_IF_ERROR(kernel_.InputRange(name, &start, &stop));
-    for (int i = start; i < stop; ++i) entries_.push_back(Entry{name, i, DT_INVALID, {}});
+    for (int i = start; i < stop; ++i) entries_.push_back(Entry{name, i, DT_INVALID});
     return stop - start;
   }
 
-  // Checks dtype and shape of every entry of `name` (var's shape unless
-  // `shape` is null, which also records var's shape).
+  // Checks dtype and shape of every entry of `name`: its shape is var's
+  // (checked first, which records it).
   absl::Status Check(const char* name, DataType dtype) {
     for (Entry& e : entries_) {
       if (e.input != name) continue;
@@ -264,7 +264,6 @@ class Variables {
     std::string input;
     int index;
     DataType dtype;
-    TensorShape shape;
   };
   const XlaOpKernel& kernel_;
   XlaOpKernelContext* ctx_;
@@ -413,7 +412,7 @@ absl::Status SparseUpdate(XlaOpKernelContext* ctx, Variables& vars, const Update
   const size_t num_scalars = u.scalars.size();
 
   auto condition = [](absl::Span<const XlaOp> values,
-                      xla::XlaBuilder* cb) -> absl::StatusOr<XlaOp> {
+                      xla::XlaBuilder*) -> absl::StatusOr<XlaOp> {
     return xla::Le(values[kRound], values[kMaxRank]);
   };
   auto body = [&](absl::Span<const XlaOp> values,
@@ -498,92 +497,49 @@ absl::StatusOr<int64_t> CheckSparse(XlaOpKernelContext* ctx, const TensorShape& 
 }
 
 // ---------------------------------------------------------------------------
-// Element math of each op: tf_bf16::SgdElement, AdamElement, LionElement,
-// AssignAddElement.
+// The element functions of bf16_update_math_xla.h as ElementMath: the scalars
+// arrive as a span (loop-carried through the sparse rounds) in the order
+// given below.
 
-// state: var, [accum], [compensation]; scalars: lr, momentum, weight_decay, decay.
-ElementMath SgdMath(bool use_momentum, bool nesterov, bool kahan) {
+using tf_bf16::xla_math::AdamParams;
+using tf_bf16::xla_math::LionParams;
+using tf_bf16::xla_math::SgdParams;
+
+// scalars: lr, momentum, weight_decay, decay.
+ElementMath SgdMath(bool use_momentum, bool nesterov) {
   return [=](const Batch& e, absl::Span<const XlaOp> state, Value g,
-             absl::Span<const XlaOp> s) -> std::vector<XlaOp> {
-    const Hlo& h = e.h;
-    const Value lr{s[0], false}, momentum{s[1], false}, weight_decay{s[2], false};
-    const Value w = e.Load(state[0]);
-    std::vector<XlaOp> out = {XlaOp()};
-    Value update;
-    if (use_momentum) {
-      const Value a = h.Sub(h.Mul(e.Load(state[1]), momentum), h.Mul(g, lr));
-      out.push_back(e.StoreState(a, tf_bf16::kFirstSlotLane));
-      update = nesterov ? h.Sub(h.Mul(a, momentum), h.Mul(g, lr)) : a;
-    } else {
-      update = Hlo::Neg(h.Mul(g, lr));
-    }
-    const Value delta = e.MaybeDecayed(s[3], update, w, weight_decay, lr);
-    XlaOp compensation = kahan ? state.back() : XlaOp();
-    out[0] = e.CommitWeight(w, delta, &compensation);
-    if (kahan) out.push_back(compensation);
-    return out;
+             absl::Span<const XlaOp> s) {
+    const SgdParams p{{s[0], false}, {s[1], false}, {s[2], false}, s[3], use_momentum,
+                      nesterov};
+    return tf_bf16::xla_math::SgdElements(e, state, g, p);
   };
 }
 
-// state: var, m, v, [vhat], [compensation];
 // scalars: lr, alpha, 1 - beta1, 1 - beta2, epsilon, weight_decay, decay.
-ElementMath AdamMath(bool amsgrad, bool kahan) {
+ElementMath AdamMath(bool amsgrad) {
   return [=](const Batch& e, absl::Span<const XlaOp> state, Value g,
-             absl::Span<const XlaOp> s) -> std::vector<XlaOp> {
-    const Hlo& h = e.h;
-    const Value lr{s[0], false}, alpha{s[1], true}, one_minus_beta1{s[2], true},
-        one_minus_beta2{s[3], true}, epsilon{s[4], false}, weight_decay{s[5], false};
-    const Value w = e.Load(state[0]);
-    const Value m_old = e.Load(state[1]);
-    const Value v_old = e.Load(state[2]);
-    const Value m_new = h.Add(m_old, h.Mul(h.Sub(g, m_old), one_minus_beta1));
-    const Value v_new = h.Add(v_old, h.Mul(h.Sub(h.Mul(g, g), v_old), one_minus_beta2));
-    std::vector<XlaOp> out = {XlaOp(), e.StoreState(m_new, tf_bf16::kFirstSlotLane),
-                              e.StoreState(v_new, tf_bf16::kSecondSlotLane)};
-    Value v_used = v_new;
-    if (amsgrad) {
-      v_used = tf_bf16::xla_math::NanMax(h, e.Load(state[3]), v_new);
-      out.push_back(e.StoreState(v_used, tf_bf16::kMaxSlotLane));
-    }
-    const Value step = h.Div(h.Mul(m_new, alpha), h.Add(h.Sqrt(v_used), epsilon));
-    const Value delta = e.MaybeDecayed(s[6], Hlo::Neg(step), w, weight_decay, lr);
-    XlaOp compensation = kahan ? state.back() : XlaOp();
-    out[0] = e.CommitWeight(w, delta, &compensation);
-    if (kahan) out.push_back(compensation);
-    return out;
+             absl::Span<const XlaOp> s) {
+    const AdamParams p{{s[0], false}, {s[1], true},  {s[2], true}, {s[3], true},
+                       {s[4], false}, {s[5], false}, s[6],         amsgrad};
+    return tf_bf16::xla_math::AdamElements(e, state, g, p);
   };
 }
 
-// state: var, m, [compensation];
 // scalars: lr, beta1, 1 - beta1, beta2, 1 - beta2, weight_decay, decay.
-ElementMath LionMath(bool kahan) {
-  return [=](const Batch& e, absl::Span<const XlaOp> state, Value g,
-             absl::Span<const XlaOp> s) -> std::vector<XlaOp> {
-    const Hlo& h = e.h;
-    const Value lr{s[0], false}, beta1{s[1], false}, one_minus_beta1{s[2], true},
-        beta2{s[3], false}, one_minus_beta2{s[4], true}, weight_decay{s[5], false};
-    const Value w = e.Load(state[0]);
-    const Value m_old = e.Load(state[1]);
-    const Value c = h.Add(h.Mul(m_old, beta1), h.Mul(g, one_minus_beta1));
-    const Value m_new = h.Add(h.Mul(m_old, beta2), h.Mul(g, one_minus_beta2));
-    std::vector<XlaOp> out = {XlaOp(), e.StoreState(m_new, tf_bf16::kFirstSlotLane)};
-    const Value update = Hlo::Neg(h.Mul(lr, tf_bf16::xla_math::SignKeepNan(h, c)));
-    const Value delta = e.MaybeDecayed(s[6], update, w, weight_decay, lr);
-    XlaOp compensation = kahan ? state.back() : XlaOp();
-    out[0] = e.CommitWeight(w, delta, &compensation);
-    if (kahan) out.push_back(compensation);
-    return out;
+ElementMath LionMath() {
+  return [](const Batch& e, absl::Span<const XlaOp> state, Value g,
+            absl::Span<const XlaOp> s) {
+    const LionParams p{{s[0], false}, {s[1], false}, {s[2], true}, {s[3], false},
+                       {s[4], true},  {s[5], false}, s[6]};
+    return tf_bf16::xla_math::LionElements(e, state, g, p);
   };
 }
 
-// state: var, [compensation]; no scalars. `g` is the delta.
-ElementMath AssignAddMath(bool kahan) {
-  return [=](const Batch& e, absl::Span<const XlaOp> state, Value delta,
-             absl::Span<const XlaOp>) -> std::vector<XlaOp> {
-    XlaOp compensation = kahan ? state.back() : XlaOp();
-    std::vector<XlaOp> out = {e.CommitWeight(e.Load(state[0]), delta, &compensation)};
-    if (kahan) out.push_back(compensation);
-    return out;
+// No scalars; the "gradient" is the delta.
+ElementMath AssignAddMath() {
+  return [](const Batch& e, absl::Span<const XlaOp> state, Value delta,
+            absl::Span<const XlaOp>) {
+    return tf_bf16::xla_math::AssignAddElements(e, state, delta);
   };
 }
 
@@ -646,7 +602,7 @@ class XlaRoundedAssignAddOp : public XlaOpKernel {
     OP_REQUIRES_OK(ctx, CheckGradientShape(ctx, delta_index, vars.shape(), "delta"));
     Update u{rounding_, dtype_, ctx->Input(delta_index), delta_dtype_, {},
              stream->seed, stream->step, stream->var_id, XlaOp()};
-    OP_REQUIRES_OK(ctx, DenseUpdate(ctx, vars, u, AssignAddMath(*num_compensation == 1)));
+    OP_REQUIRES_OK(ctx, DenseUpdate(ctx, vars, u, AssignAddMath()));
   }
 
  private:
@@ -709,7 +665,7 @@ class XlaApplySgdOp : public XlaOpKernel {
              stream->step,
              stream->var_id,
              check.valid()};
-    ElementMath math = SgdMath(*num_accum == 1, use_nesterov_, *num_compensation == 1);
+    ElementMath math = SgdMath(*num_accum == 1, use_nesterov_);
     OP_REQUIRES_OK(ctx, kSparse ? SparseUpdate(ctx, vars, u, ctx->Input("indices"), num_indices,
                                                math)
                                 : DenseUpdate(ctx, vars, u, math));
@@ -812,7 +768,7 @@ class XlaApplyAdamOp : public XlaOpKernel {
     }
     Update u{rounding_,     dtype_,       ctx->Input("grad"), grad_dtype_, *scalars,
              stream->seed, stream->step, stream->var_id,     check.valid()};
-    ElementMath math = AdamMath(*num_vhat == 1, *num_compensation == 1);
+    ElementMath math = AdamMath(*num_vhat == 1);
     OP_REQUIRES_OK(ctx, kSparse ? SparseUpdate(ctx, vars, u, ctx->Input("indices"), num_indices,
                                                math)
                                 : DenseUpdate(ctx, vars, u, math));
@@ -875,7 +831,7 @@ class XlaApplyLionOp : public XlaOpKernel {
              stream->step,
              stream->var_id,
              check.valid()};
-    OP_REQUIRES_OK(ctx, DenseUpdate(ctx, vars, u, LionMath(*num_compensation == 1)));
+    OP_REQUIRES_OK(ctx, DenseUpdate(ctx, vars, u, LionMath()));
   }
 
  private:

@@ -26,7 +26,10 @@
 #define TF_BF16_CC_KERNELS_BF16_UPDATE_MATH_XLA_H_
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
+#include "absl/types/span.h"
 #include "bf16_update_math.h"
 #include "xla/hlo/builder/xla_builder.h"
 
@@ -219,6 +222,9 @@ struct Batch {
   XlaOp stream_keys;   // u32[4], by lane
   ElementIndex index;
 
+  // A Kahan compensation buffer is updated (and is the last state tensor).
+  bool kahan() const { return bf16 && rounding == Rounding::kKahan; }
+
   Value Load(XlaOp bits) const { return bf16 ? h.LoadBf16(bits) : Hlo::LoadF32(bits); }
 
   XlaOp RandomBits(uint32_t lane) const { return h.RandomBits16(stream_keys, lane, index); }
@@ -270,6 +276,96 @@ inline Value SignKeepNan(const Hlo& h, Value x) {
   return h.Select(h.Gt(x, zero), h.F32(1.0f),
                   h.Select(h.Lt(x, zero), h.F32(-1.0f),
                            h.Select(h.IsNan(x), x, zero)));
+}
+
+// ---------------------------------------------------------------------------
+// The element functions: tf_bf16::SgdElement, AdamElement, LionElement and
+// AssignAddElement over a batch. `state` holds the storage bits of the tensors
+// an update reads, in lane order (var, its slots, then the Kahan compensation
+// when batch.kahan()); the result holds their new bits in the same order.
+
+struct SgdParams {  // SgdScalars
+  Value lr, momentum, weight_decay;
+  XlaOp decay;  // scalar pred: weight_decay != 0
+  bool use_momentum, nesterov;
+};
+
+struct AdamParams {  // AdamScalars
+  Value lr, alpha, one_minus_beta1, one_minus_beta2, epsilon, weight_decay;
+  XlaOp decay;
+  bool amsgrad;
+};
+
+struct LionParams {  // LionScalars
+  Value lr, beta1, one_minus_beta1, beta2, one_minus_beta2, weight_decay;
+  XlaOp decay;
+};
+
+// Commits the weight (state[0]) and appends its new bits, and the new
+// compensation when there is one, to *out (whose first entry is reserved).
+inline void CommitInto(const Batch& e, absl::Span<const XlaOp> state, Value w, Value delta,
+                       std::vector<XlaOp>* out) {
+  XlaOp compensation = e.kahan() ? state.back() : XlaOp();
+  (*out)[0] = e.CommitWeight(w, delta, &compensation);
+  if (e.kahan()) out->push_back(compensation);
+}
+
+inline std::vector<XlaOp> SgdElements(const Batch& e, absl::Span<const XlaOp> state, Value g,
+                                      const SgdParams& p) {
+  const Hlo& h = e.h;
+  const Value w = e.Load(state[0]);
+  std::vector<XlaOp> out = {XlaOp()};
+  Value update;
+  if (p.use_momentum) {
+    const Value a = h.Sub(h.Mul(e.Load(state[1]), p.momentum), h.Mul(g, p.lr));
+    out.push_back(e.StoreState(a, kFirstSlotLane));
+    update = p.nesterov ? h.Sub(h.Mul(a, p.momentum), h.Mul(g, p.lr)) : a;
+  } else {
+    update = Hlo::Neg(h.Mul(g, p.lr));
+  }
+  CommitInto(e, state, w, e.MaybeDecayed(p.decay, update, w, p.weight_decay, p.lr), &out);
+  return out;
+}
+
+inline std::vector<XlaOp> AdamElements(const Batch& e, absl::Span<const XlaOp> state, Value g,
+                                       const AdamParams& p) {
+  const Hlo& h = e.h;
+  const Value w = e.Load(state[0]);
+  const Value m_old = e.Load(state[1]);
+  const Value v_old = e.Load(state[2]);
+  const Value m_new = h.Add(m_old, h.Mul(h.Sub(g, m_old), p.one_minus_beta1));
+  const Value v_new = h.Add(v_old, h.Mul(h.Sub(h.Mul(g, g), v_old), p.one_minus_beta2));
+  std::vector<XlaOp> out = {XlaOp(), e.StoreState(m_new, kFirstSlotLane),
+                            e.StoreState(v_new, kSecondSlotLane)};
+  Value v_used = v_new;
+  if (p.amsgrad) {
+    v_used = NanMax(h, e.Load(state[3]), v_new);
+    out.push_back(e.StoreState(v_used, kMaxSlotLane));
+  }
+  const Value step = h.Div(h.Mul(m_new, p.alpha), h.Add(h.Sqrt(v_used), p.epsilon));
+  CommitInto(e, state, w, e.MaybeDecayed(p.decay, Hlo::Neg(step), w, p.weight_decay, p.lr),
+             &out);
+  return out;
+}
+
+inline std::vector<XlaOp> LionElements(const Batch& e, absl::Span<const XlaOp> state, Value g,
+                                       const LionParams& p) {
+  const Hlo& h = e.h;
+  const Value w = e.Load(state[0]);
+  const Value m_old = e.Load(state[1]);
+  const Value c = h.Add(h.Mul(m_old, p.beta1), h.Mul(g, p.one_minus_beta1));
+  const Value m_new = h.Add(h.Mul(m_old, p.beta2), h.Mul(g, p.one_minus_beta2));
+  std::vector<XlaOp> out = {XlaOp(), e.StoreState(m_new, kFirstSlotLane)};
+  const Value update = Hlo::Neg(h.Mul(p.lr, SignKeepNan(h, c)));
+  CommitInto(e, state, w, e.MaybeDecayed(p.decay, update, w, p.weight_decay, p.lr), &out);
+  return out;
+}
+
+inline std::vector<XlaOp> AssignAddElements(const Batch& e, absl::Span<const XlaOp> state,
+                                            Value delta) {
+  std::vector<XlaOp> out = {XlaOp()};
+  CommitInto(e, state, e.Load(state[0]), delta, &out);
+  return out;
 }
 
 }  // namespace xla_math
