@@ -204,6 +204,38 @@ def test_large_variable(variant, dtype, rounding):
     checker.finish()
 
 
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_ties(rounding):
+    """Exact ties: w in [1, 2) (bf16 spacing 2^-7) plus 2^-8 or 3 * 2^-8 (plain
+    SGD with lr = 2^-8, g = -1 or -3) lies halfway between two bf16 values.
+    XLA equals the kernel, and nearest rounding goes to the even neighbour."""
+    k = np.arange(256)
+    w0 = (1.0 + (k % 128) * 2.0**-7) * np.where(k < 128, 1.0, -1.0)
+    g = np.where(k % 2 == 0, -1.0, -3.0) * np.where(k < 128, 1.0, -1.0)
+    state = {"var": km._tensor(w0.astype(np.float32), tf.bfloat16)}
+    if rounding == "kahan":
+        state["compensation"] = tf.zeros([256], tf.bfloat16)
+    kernel_vars, xla_vars = km._variables(state), km._variables(state)
+    sgd = km.DENSE_VARIANTS[1]
+    hp = dict(HYPERPARAMETERS, lr=2.0**-8)
+    gradient = tf.constant(g.astype(np.float32))
+    _apply(ops, sgd, kernel_vars, gradient, rounding, 0, hp)
+
+    @tf.function(jit_compile=True)
+    def update(gradient, lr):
+        _apply(ops, sgd, xla_vars, gradient, rounding, 0, dict(HYPERPARAMETERS, lr=lr))
+
+    update(gradient, tf.constant(2.0**-8))
+    checker = km.BitChecker("XLA", "kernel")
+    checker.compare_states(xla_vars, kernel_vars, f"ties, {rounding}")
+    checker.finish()
+    if rounding == "nearest":
+        exact = w0 - g * 2.0**-8                      # halfway between two bf16 values
+        got = kernel_vars["var"].numpy().astype(np.float64)
+        assert np.all(np.abs(got - exact) == 2.0**-8)     # half a bf16 spacing away
+        assert np.all(bits(kernel_vars["var"]) % 2 == 0)   # the even neighbour
+
+
 # ---------------------------------------------------------------------------
 # Sparse updates.
 
