@@ -62,6 +62,22 @@ HEADERS = [
     "cc/kernels/bf16_training_ops.h",
     "cc/kernels/bf16_training_op_helpers.h",
 ]
+
+# XLA lowering (REGISTER_XLA_OP, for jit_compile=True): the tf2xla/XLA headers
+# include highwayhash and farmhash from the wheel's external/ directory, and
+# the XlaOpKernel symbols live in libtensorflow_cc.so.2. Applied to every
+# source so that one set of compile flags describes the library (BUILD too).
+OP_SOURCES += ["cc/kernels/bf16_training_ops_xla.cc"]
+HEADERS += ["cc/kernels/bf16_update_math_xla.h"]
+XLA_INCLUDE_SUBDIRS = ["external/highwayhash", "external/farmhash_archive/src"]
+XLA_LINK_FLAGS = ["-l:libtensorflow_cc.so.2"]
+
+
+def xla_include_flags(tf_include_flags):
+    """-I<tf include>/<subdir> for XLA_INCLUDE_SUBDIRS, next to TensorFlow's -I."""
+    tf_include = next(f[2:] for f in tf_include_flags if f.startswith("-I"))
+    return ["-I" + os.path.join(tf_include, sub) for sub in XLA_INCLUDE_SUBDIRS]
+
 GPU_SOURCES = ["cc/kernels/bf16_training_ops_gpu.cu.cc"]
 GPU_HEADERS = HEADERS + ["cc/kernels/bf16_update_kernels.cu.h"]
 DEFAULT_CUDA_ARCHS = "80,90"
@@ -238,7 +254,8 @@ class BuildTfOps(build_ext):
         obj_dir = os.path.join(self.build_temp, "tf_bf16_objs")
         os.makedirs(obj_dir, exist_ok=True)
         cxx = os.environ.get("CXX", "g++")
-        compile_flags = CXXFLAGS + cpu_flags() + info["compile"] + ["-I" + ROOT]
+        compile_flags = (CXXFLAGS + cpu_flags() + info["compile"]
+                         + xla_include_flags(info["compile"]) + ["-I" + ROOT])
         gpu = ext.name == GPU_EXTENSION
         if gpu:
             shim = cuda_include_shim(info, self._nvcc, self.build_temp)
@@ -255,7 +272,7 @@ class BuildTfOps(build_ext):
                 return obj
             # The kernels' .cc registers the GPU kernels when GOOGLE_CUDA is set:
             # a second object for the GPU library. Op definitions are shared.
-            cuda_variant = gpu and "kernels" in src
+            cuda_variant = gpu and src == "cc/kernels/bf16_training_ops.cc"
             key = (src, cuda_variant)
             if key not in self._objects:
                 suffix = ".cuda.o" if cuda_variant else ".o"
@@ -268,7 +285,7 @@ class BuildTfOps(build_ext):
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objs = list(pool.map(compile_one, ext.sources))
-        link = [cxx, "-shared", "-o", out] + objs + info["link"]
+        link = [cxx, "-shared", "-o", out] + objs + info["link"] + XLA_LINK_FLAGS
         if gpu:
             # cudart linked statically: no libcudart.so of one CUDA version
             # beside the one TensorFlow loads.

@@ -206,8 +206,9 @@ class BitChecker:
     cannot hide one.
     """
 
-    def __init__(self):
+    def __init__(self, got="kernel", want="reference"):
         self.nan_only = []
+        self.got, self.want = got, want
 
     def compare(self, got, want, what):
         got_bits, want_bits = bits(got).reshape(-1), bits(want).reshape(-1)
@@ -223,12 +224,12 @@ class BitChecker:
             raise AssertionError(
                 f"{what}: {value_differ.size} of {got_bits.size} elements differ in value "
                 f"(and {nan_differ.size} more only in NaN sign/payload); first at flat index "
-                f"{i}: kernel {got_bits[i]:#x} != reference {want_bits[i]:#x}")
+                f"{i}: {self.got} {got_bits[i]:#x} != {self.want} {want_bits[i]:#x}")
         i = nan_differ[0]
         self.nan_only.append(
             f"{what}: {nan_differ.size} of {got_bits.size} elements are NaN on both sides but "
-            f"differ in NaN sign/payload; first at flat index {i}: kernel {got_bits[i]:#x} != "
-            f"reference {want_bits[i]:#x}")
+            f"differ in NaN sign/payload; first at flat index {i}: {self.got} {got_bits[i]:#x} != "
+            f"{self.want} {want_bits[i]:#x}")
 
     def compare_states(self, kernel_vars, reference_vars, what):
         assert kernel_vars.keys() == reference_vars.keys()

@@ -19,11 +19,11 @@ Donated buffers are reused for the results, so an update of an array of any
 size (below 2**32 elements) needs no second copy of its state.
 
 Not for: sparse gradients (JAX differentiates to dense arrays; see
-docs/rounding.md, section 8), variables of 2**32 elements or more, and
+docs/rounding.md, section 9), variables of 2**32 elements or more, and
 anything that needs TensorFlow (nothing here imports it).
 
 How the bits stay those of the C++ kernels whatever XLA does on any device
-(docs/rounding.md, section 8):
+(docs/rounding.md, section 9):
 
 - Every rounding is integer arithmetic on the float's bits
   (`lax.bitcast_convert_type`), and bf16 values are loaded by a 16-bit shift:

@@ -5,7 +5,8 @@
 #   2. `bazel build //:tf_bf16_ops`, offline, against the TensorFlow that
 #      ${PYTHON_BIN_PATH:-${PYTHON:-python3}} imports;
 #   3. loads bazel-bin/_tf_bf16_ops.so with tf.load_op_library, runs
-#      tf_bf16_stochastic_round on a small tensor and checks the result;
+#      tf_bf16_stochastic_round on a small tensor and checks the result, and
+#      runs it under jit_compile=True (the XLA lowering) for the same bits;
 #   4. checks the compile lines Bazel ran (bazel aquery): -ffp-contract=off,
 #      and, if setup.py recorded its flags (tf_bf16/_build_info.json), the same
 #      flags as setup.py's (warning options -W... may differ, with a note);
@@ -133,6 +134,10 @@ def probe(lib, out):
     again = tf.bitcast(module.tf_bf16_stochastic_round(**args), tf.uint16).numpy()
     if not np.array_equal(bits, again):
         sys.exit("tf_bf16_stochastic_round is not deterministic")
+    # The XLA lowering of the same op (jit_compile=True) gives the same bits.
+    xla = tf.function(module.tf_bf16_stochastic_round, jit_compile=True)(**args)
+    if not np.array_equal(bits, tf.bitcast(xla, tf.uint16).numpy()):
+        sys.exit("tf_bf16_stochastic_round under jit_compile=True differs from the CPU kernel")
     # A stochastic rounding of x: x itself where x is a bf16 value, else one
     # of the two bf16 neighbours of x (NaN stays NaN).
     u = x.view(np.uint32)
@@ -202,13 +207,15 @@ def flags(aquery_json, tf_include, build_info_json=None):
     bookkeeping = {"-MD", "-fno-canonical-system-headers", "-Wno-builtin-macro-redefined"}
     warnings_only = ""
     actions = [a for a in json.load(open(aquery_json))["actions"] if a["mnemonic"] == "CppCompile"]
-    if len(actions) != 2:
-        sys.exit("expected 2 compile actions, aquery found %d" % len(actions))
+    if len(actions) != 3:  # op definitions, CPU kernels, XLA lowering
+        sys.exit("expected 3 compile actions, aquery found %d" % len(actions))
     if build_info_json:
         expected = set()
         for flag in json.load(open(build_info_json))["compile_flags"]:
-            if flag.startswith("-I") and os.path.realpath(flag[2:]) == tf_include:
-                expected.add("-isystem external/local_config_tf/include")
+            path = os.path.realpath(flag[2:]) if flag.startswith("-I") else ""
+            if path == tf_include or path.startswith(tf_include + os.sep):
+                # TensorFlow's include dir and the XLA headers' subdirectories of it.
+                expected.add("-isystem external/local_config_tf/include" + path[len(tf_include):])
             elif flag.startswith("-I") and os.path.isfile(os.path.join(flag[2:], "setup.py")):
                 expected.add("-I.")  # the repository root: Bazel compiles in it
             else:
@@ -219,7 +226,7 @@ def flags(aquery_json, tf_include, build_info_json=None):
         actual = set()
         i = 0
         while i < len(args):
-            if args[i] == "-isystem" and args[i + 1] == "external/local_config_tf/include":
+            if args[i] == "-isystem" and args[i + 1].startswith("external/local_config_tf/include"):
                 actual.add("-isystem " + args[i + 1])
             if args[i] in bookkeeping_pairs:
                 i += 2
@@ -238,7 +245,7 @@ def flags(aquery_json, tf_include, build_info_json=None):
             if missing or extra:
                 warnings_only = " except warning options: missing %s, extra %s" % (missing, extra)
     if build_info_json:
-        print("compile flags of both sources = setup.py's (%s)%s" % (
+        print("compile flags of all 3 sources = setup.py's (%s)%s" % (
             " ".join(sorted(expected)), warnings_only))
     else:
         print("-ffp-contract=off present (no tf_bf16/_build_info.json to compare all flags with)")
@@ -251,7 +258,7 @@ PYEOF
 "$PYTHON_BIN_PATH" "$TMP/check.py" probe "$BAZEL_SO" "$TMP/bazel" > "$TMP/bazel.out" 2>&1 \
     || { tail -20 "$TMP/bazel.out"; fail "the Bazel-built library does not load or run: $(tail -1 "$TMP/bazel.out")"; }
 N_OPS=$("$PYTHON_BIN_PATH" -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["opdefs"]))' "$TMP/bazel.json")
-echo "bazel_build: tf.load_op_library loaded it ($N_OPS ops); tf_bf16_stochastic_round ran on 256x257 float32 and rounded stochastically"
+echo "bazel_build: tf.load_op_library loaded it ($N_OPS ops); tf_bf16_stochastic_round ran on 256x257 float32, rounded stochastically, and gave the same bits under jit_compile=True"
 
 # The compile lines Bazel ran, against the flags setup.py recorded.
 EXECROOT=$(bazel_cmd info execution_root 2>/dev/null) || fail "bazel info execution_root"

@@ -6,12 +6,18 @@
 package(default_visibility = ["//visibility:public"])
 
 # TensorFlow's C++ headers (include/ is a symlink to tf.sysconfig.get_include())
-# and the preprocessor definitions of tf.sysconfig.get_compile_flags().
+# and the preprocessor definitions of tf.sysconfig.get_compile_flags(), plus
+# the two directories of the wheel's external/ that the tf2xla/XLA headers
+# include from (setup.py's XLA_INCLUDE_SUBDIRS).
 cc_library(
     name = "tf_header_lib",
     hdrs = glob(["include/**"]),
     defines = %{TF_DEFINES},
-    includes = ["include"],
+    includes = [
+        "include",
+        "include/external/highwayhash",
+        "include/external/farmhash_archive/src",
+    ],
 )
 
 # The framework library every custom op links against (a symlink to the
@@ -19,5 +25,13 @@ cc_library(
 cc_library(
     name = "libtensorflow_framework",
     srcs = ["%{TF_SHARED_LIBRARY_NAME}"],
+    linkopts = ["-Wl,-rpath,%{TF_LIB_DIR}"],
+)
+
+# The library with the XLA op-kernel symbols (XlaOpKernel, XlaOpRegistry,
+# XlaBuilder) that the XLA lowering links, like setup.py's -l:libtensorflow_cc.so.2.
+cc_library(
+    name = "libtensorflow_cc",
+    srcs = ["%{TF_CC_LIBRARY_NAME}"],
     linkopts = ["-Wl,-rpath,%{TF_LIB_DIR}"],
 )

@@ -6,8 +6,10 @@ generates a local repository, with nothing downloaded:
 
   include/                        symlink to tf.sysconfig.get_include()
   libtensorflow_framework.so.2    symlink to the library the link flags name
-  BUILD                           :tf_header_lib and :libtensorflow_framework
-                                  (from BUILD.tpl beside this file)
+  libtensorflow_cc.so.2           symlink to the library with the XLA op-kernel
+                                  symbols (the XLA lowering links it)
+  BUILD                           :tf_header_lib, :libtensorflow_framework and
+                                  :libtensorflow_cc (from BUILD.tpl beside this file)
   build_defs.bzl                  TF_VERSION, TF_COMPILE_FLAGS, TF_LINK_FLAGS,
                                   TF_COPTS (the compile flags that are neither
                                   -I nor -D: those travel with :tf_header_lib)
@@ -22,6 +24,9 @@ change, so a reinstalled TensorFlow is picked up.
 """
 
 _PYTHON_BIN_PATH = "PYTHON_BIN_PATH"
+
+# setup.py's XLA_LINK_FLAGS: -l:libtensorflow_cc.so.2.
+_TF_CC_LIBRARY = "libtensorflow_cc.so.2"
 _TF_BF16_PORTABLE = "TF_BF16_PORTABLE"
 
 # Printed as one JSON line; the same questions setup.py asks, plus the avx2
@@ -122,6 +127,9 @@ def _tf_configure_impl(repository_ctx):
 
     repository_ctx.symlink(info["include"], "include")
     repository_ctx.symlink(lib_dir + "/" + lib_name, lib_name)
+    if not repository_ctx.path(info["lib"] + "/" + _TF_CC_LIBRARY).exists:
+        _fail("%s/%s does not exist (the XLA lowering links it)" % (info["lib"], _TF_CC_LIBRARY))
+    repository_ctx.symlink(info["lib"] + "/" + _TF_CC_LIBRARY, _TF_CC_LIBRARY)
 
     portable = repository_ctx.os.environ.get(_TF_BF16_PORTABLE, "")
     host_cpu_copts = ["-mavx2"] if info["avx2"] and not portable else []
@@ -137,6 +145,7 @@ def _tf_configure_impl(repository_ctx):
             "%{TF_LIB_DIR}": lib_dir,
             "%{TF_DEFINES}": repr(defines),
             "%{TF_SHARED_LIBRARY_NAME}": lib_name,
+            "%{TF_CC_LIBRARY_NAME}": _TF_CC_LIBRARY,
         },
     )
     repository_ctx.file("WORKSPACE", "workspace(name = \"%s\")\n" % repository_ctx.name)
