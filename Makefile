@@ -5,8 +5,9 @@ PIP := $(PYTHON) -m pip
 # TF_PACKAGE=tensorflow==2.21.0 for the GPU-capable wheel.
 TF_PACKAGE ?= tensorflow-cpu==2.21.0
 # The extras of setup.py to install: lab (the tools' packages: tqdm,
-# matplotlib, scikit-learn, tensorflow-datasets) and test (pytest, hypothesis).
-EXTRAS ?= lab,test
+# matplotlib, scikit-learn, tensorflow-datasets), test (pytest, hypothesis) and
+# jax (Keras's JAX backend, whose tests compare it with the TensorFlow kernels).
+EXTRAS ?= lab,test,jax
 STAMP := .make-install.stamp
 
 .PHONY: install build demo test test-fast bench bazel-build gpu-build-check clean

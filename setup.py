@@ -344,6 +344,9 @@ setup(
         # (scikit-learn's bundled datasets; TensorFlow Datasets for CIFAR-10).
         "lab": ["tqdm", "matplotlib", "scikit-learn", "tensorflow-datasets==4.9.10"],
         "test": ["pytest", "hypothesis"],
+        # Keras's JAX backend (KERAS_BACKEND=jax): tf_bf16.jax_ops; the tests
+        # compare it with the TensorFlow kernels bit for bit.
+        "jax": ["jax==0.10.2", "jaxlib==0.10.2"],
         "cpu": ["tensorflow-cpu==2.21.0"],
         "gpu": ["tensorflow[and-cuda]==2.21.0"],
     },

@@ -22,7 +22,8 @@ import pytest
 import tensorflow as tf
 
 import tf_bf16
-from conftest import ROUNDINGS, assert_bits_equal, fresh_global_state
+from tf_bf16 import ROUNDINGS
+from conftest import assert_bits_equal, fresh_global_state
 from test_xla_lowering import use_tensorflow_beta_powers
 
 restore_global_state = fresh_global_state(4242)

@@ -34,7 +34,8 @@ import pytest
 import tensorflow as tf
 
 import test_kernels_match_reference as km
-from conftest import DTYPES, ROUNDINGS, assert_bits_equal, bits
+from tf_bf16 import ROUNDINGS
+from conftest import DTYPES, assert_bits_equal, bits
 from tf_bf16 import _args
 from tf_bf16 import ops
 from tf_bf16 import reference
@@ -424,7 +425,8 @@ def _raw_adam(variables, gradient, values):
     common = dict(
         var=variables["var"].handle, m=variables["m"].handle, v=variables["v"].handle,
         vhat=[variables["vhat"].handle], compensation=[variables["compensation"].handle],
-        beta1_power=b1 * b1, beta2_power=b2 * b2, lr=values["lr"], beta1=b1, beta2=b2,
+        beta1_power=b1 * b1, beta2_power=b2 * b2, lr=values["lr"], one_minus_beta1=1.0 - b1,
+        one_minus_beta2=1.0 - b2,
         epsilon=values["epsilon"], weight_decay=tf.constant(km.WEIGHT_DECAY),
         seed=tf.constant(1, tf.int64), step=tf.constant(1, tf.int64),
         var_id=tf.constant(0, tf.int64), T=tf.bfloat16, rounding="kahan")
@@ -444,7 +446,8 @@ def test_constant_beta1_power_of_one_fails_to_compile():
             var=variables["var"].handle, m=variables["m"].handle, v=variables["v"].handle,
             vhat=[variables["vhat"].handle], compensation=[variables["compensation"].handle],
             beta1_power=tf.constant(1.0), beta2_power=tf.constant(0.998), lr=tf.constant(0.01),
-            beta1=tf.constant(0.9), beta2=tf.constant(0.999), epsilon=tf.constant(1e-7),
+            one_minus_beta1=tf.constant(1 - 0.9), one_minus_beta2=tf.constant(1 - 0.999),
+            epsilon=tf.constant(1e-7),
             weight_decay=tf.constant(0.0), grad=tf.ones((5, 3)), seed=tf.constant(1, tf.int64),
             step=tf.constant(1, tf.int64), var_id=tf.constant(0, tf.int64), T=tf.bfloat16,
             rounding="kahan")
@@ -466,7 +469,8 @@ def test_run_time_beta1_power_of_one_leaves_variables_untouched():
             var=variables["var"].handle, m=variables["m"].handle, v=variables["v"].handle,
             vhat=[variables["vhat"].handle], compensation=[variables["compensation"].handle],
             beta1_power=power, beta2_power=tf.constant(0.998), lr=tf.constant(0.01),
-            beta1=tf.constant(0.9), beta2=tf.constant(0.999), epsilon=tf.constant(1e-7),
+            one_minus_beta1=tf.constant(1 - 0.9), one_minus_beta2=tf.constant(1 - 0.999),
+            epsilon=tf.constant(1e-7),
             weight_decay=tf.constant(0.0), grad=tf.ones((5, 3)), seed=tf.constant(1, tf.int64),
             step=tf.constant(1, tf.int64), var_id=tf.constant(0, tf.int64), T=tf.bfloat16, rounding="kahan")
 
