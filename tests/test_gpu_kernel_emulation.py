@@ -44,8 +44,10 @@ LION_BETA_1, LION_BETA_2 = 0.9, 0.99
 # Emulated grids (threads, reverse order): one thread does everything; odd
 # counts leave threads without a chunk or with a share of the tail; 270336 =
 # 132 multiprocessors x 8 blocks x 256 threads, the GPU launcher's grid on an
-# H200.
+# H200. Each grid runs with one chunk per trip and with the GPU default of
+# two (DenseThread's K: two chunks loaded before either is computed).
 GEOMETRIES = [(1, False), (3, True), (1792, False), (270336, True)]
+CHUNKS_PER_TRIP = (1, 2)
 
 
 class Call(ctypes.Structure):
@@ -66,7 +68,7 @@ class Call(ctypes.Structure):
         ("nesterov", ctypes.c_int32), ("reverse_order", ctypes.c_int32),
         ("seed", ctypes.c_int64), ("step", ctypes.c_int64), ("var_id", ctypes.c_int64),
         ("threads", ctypes.c_uint64), ("allow_vector", ctypes.c_int32),
-        ("unused", ctypes.c_int32), ("first_index", ctypes.c_int64),
+        ("chunks_per_trip", ctypes.c_int32), ("first_index", ctypes.c_int64),
         ("one_minus_beta1", ctypes.c_float), ("one_minus_beta2", ctypes.c_float),
     ]
 
@@ -234,13 +236,14 @@ class Case:
         return c
 
     def run_emulation(self, lib, threads, reverse, offset=0, allow_vector=True,
-                      reference=False):
+                      reference=False, chunks_per_trip=1):
         """State after the emulated GPU kernel (or the plain host math), and the width used."""
         buffers = {role: Buffer(value, offset) for role, value in self.state.items()}
         grad = Buffer(self.grad, offset)
         indices = None if self.indices is None else np.asarray(self.indices, np.int64)
         c = self.call(buffers, grad, indices)
         c.threads, c.reverse_order, c.allow_vector = threads, int(reverse), int(allow_vector)
+        c.chunks_per_trip = chunks_per_trip
         width = (lib.tf_bf16_reference if reference else lib.tf_bf16_emulate)(ctypes.byref(c))
         assert width >= 0, f"the emulation does not know {self}"
         return {role: b.array.reshape(-1) for role, b in buffers.items()}, width
@@ -256,9 +259,10 @@ def _check_geometries(lib, case, geometries=GEOMETRIES):
     want = case.run_tensorflow()
     vector_possible = case.indices is None or int(np.prod(case.shape[1:])) % 8 == 0
     for threads, reverse in geometries:
-        got, width = case.run_emulation(lib, threads, reverse)
-        _compare(got, want, f"{case}, {threads} threads")
-        assert width == (8 if vector_possible else 1), f"{case}: chunk width {width}"
+        for trip in CHUNKS_PER_TRIP:
+            got, width = case.run_emulation(lib, threads, reverse, chunks_per_trip=trip)
+            _compare(got, want, f"{case}, {threads} threads, {trip} chunks per trip")
+            assert width == (8 if vector_possible else 1), f"{case}: chunk width {width}"
     # Unaligned tensors and a forced scalar path take chunks of one element.
     # (An empty numpy array may report any address, so n = 0 is not checked.)
     got, width = case.run_emulation(lib, 7, False, offset=2)
@@ -334,9 +338,11 @@ def test_stochastic_round(emulation, n):
     case.state = {"var": np.zeros(n, np.uint16)}
     case.grad = x
     for threads, reverse in GEOMETRIES:
-        got, width = case.run_emulation(emulation, threads, reverse)
-        assert width == 8
-        assert_bits_equal(got["var"], want, f"stochastic_round n={n}, {threads} threads")
+        for trip in CHUNKS_PER_TRIP:
+            got, width = case.run_emulation(emulation, threads, reverse, chunks_per_trip=trip)
+            assert width == 8
+            assert_bits_equal(got["var"], want,
+                              f"stochastic_round n={n}, {threads} threads, {trip} per trip")
     got, width = case.run_emulation(emulation, 3, False, offset=2)
     assert width == 1 or n == 0
     assert_bits_equal(got["var"], want, f"stochastic_round n={n}, unaligned")
@@ -394,7 +400,8 @@ def test_window_across_a_block_boundary(emulation, variant, rounding):
     case = Case(shape=(2003,), var_bf16=True, grad_bf16=True, rounding=rounding, rng=rng,
                 **variant)
 
-    def run(first_index, threads, reverse=False, reference=False, allow_vector=True):
+    def run(first_index, threads, reverse=False, reference=False, allow_vector=True,
+            chunks_per_trip=1):
         buffers = {role: Buffer(value) for role, value in case.state.items()}
         grad = Buffer(case.grad)
         c = case.call(buffers, grad)
@@ -407,7 +414,7 @@ def test_window_across_a_block_boundary(emulation, variant, rounding):
                                        else "var"]).itemsize
                 setattr(c, field, address - first_index * itemsize)
         c.first_index, c.threads, c.reverse_order = first_index, threads, int(reverse)
-        c.allow_vector = int(allow_vector)
+        c.allow_vector, c.chunks_per_trip = int(allow_vector), chunks_per_trip
         width = (emulation.tf_bf16_reference if reference else emulation.tf_bf16_emulate)(
             ctypes.byref(c))
         assert width >= 0
@@ -416,6 +423,7 @@ def test_window_across_a_block_boundary(emulation, variant, rounding):
     want = run(first, 1, reference=True)
     for threads, reverse in [(1, False), (3, True), (270336, False)]:
         _compare(run(first, threads, reverse), want, f"{case} at 2^32 - 1000, {threads} threads")
+    _compare(run(first, 3, chunks_per_trip=2), want, f"{case} at 2^32 - 1000, 2 per trip")
     _compare(run(first, 5, allow_vector=False), want, f"{case} at 2^32 - 1000, scalar")
     next_block = run(first + 2**32, 1, reference=True)
     # Random bits round the weight under "stochastic" and the slots under

@@ -86,25 +86,31 @@ STREAM_WORDS = [(0, 0, 0), (17, 3, 1), (-1, 2**31, -5), (2**33 + 7, 2**40 + 1, 2
 
 
 @pytest.mark.parametrize("seed,step,var_id", STREAM_WORDS)
-@pytest.mark.parametrize("lane", [0, 1, 2, 3])
-def test_stream_key_matches_reference_python_and_traced(seed, step, var_id, lane):
+def test_stream_key_matches_reference_python_and_traced(seed, step, var_id):
     want = reference.stream_key(tf.constant(seed, tf.int64), tf.constant(step, tf.int64),
-                                tf.constant(var_id, tf.int64), lane).numpy()
-    assert int(jax_ops.stream_key(seed, step, var_id, lane)) == int(want)
+                                tf.constant(var_id, tf.int64)).numpy()
+    assert int(jax_ops.stream_key(seed, step, var_id)) == int(want)
     if -2**31 <= step < 2**31:   # a traced int32 step, as the Keras JAX backend's counter
-        traced = jax.jit(lambda s: jax_ops.stream_key(seed, s, var_id, lane))(jnp.int32(step))
+        traced = jax.jit(lambda s: jax_ops.stream_key(seed, s, var_id))(jnp.int32(step))
         assert int(traced) == int(want)
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (1000,), (13, 7), (3, 4, 5)])
-def test_random_bits_use_the_flat_row_major_index(shape):
+def test_draws_use_the_flat_row_major_index(shape):
     key = reference.stream_key(tf.constant(5, tf.int64), tf.constant(9, tf.int64),
-                               tf.constant(2, tf.int64), 1)
+                               tf.constant(2, tf.int64))
     n = int(np.prod(shape))
-    want = reference.random_bits16(key, tf.range(n, dtype=tf.int64)).numpy().reshape(shape)
-    assert_same_bits(jax_ops.random_bits16(int(key.numpy()), shape), want, "bits (python key)")
-    got = jax.jit(lambda k: jax_ops.random_bits16(k, shape))(jnp.uint32(int(key.numpy())))
-    assert_same_bits(got, want, "bits (traced key)")
+    want = [d.numpy().reshape(shape)
+            for d in reference.draws(key, tf.range(n, dtype=tf.int64))]
+    python_key = int(key.numpy())
+    for count in (1, 2, 3, 4):
+        got = jax_ops.draws(jax_ops.element_hash(python_key, shape), count)
+        traced = jax.jit(lambda k, c=count: jax_ops.draws(jax_ops.element_hash(k, shape), c))(
+            jnp.uint32(python_key))
+        assert len(got) == len(traced) == count
+        for k in range(count):
+            assert_same_bits(got[k], want[k], f"d{k} (python key)")
+            assert_same_bits(traced[k], want[k], f"d{k} (traced key)")
 
 
 def test_round_nearest_and_canonical_nan_match_reference():

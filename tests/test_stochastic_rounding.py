@@ -1,8 +1,11 @@
 """Statistical properties of tf_bf16's stochastic rounding (SR).
 
 Specification: docs/rounding.md, sections 2 and 3. For float32 x with bit
-pattern u, SR(x) = (u + r) >> 16 with r a 16-bit value from a counter-based hash
-of (seed, step, var_id, lane, flat element index). So:
+pattern u, SR(x) = (u + r) >> 16 with r a 16-bit draw from a counter-based hash
+of (seed, step, var_id, flat element index): the element's hash chain
+h0 = Mix32(Mix32(i ^ block_key)), h1 = Mix32(h0 ^ C) gives four draws
+d0, d1, d2, d3 (the halves of h0 and h1), taken in order by the tensors one
+call rounds stochastically (the weight, then the optimizer slots). So:
 
 - SR(x) is the truncation `lo = u >> 16` or the next bf16 away from zero
   `hi = lo + 1` (sign-magnitude encoding), and it is `hi` exactly when
@@ -16,9 +19,13 @@ the hypothesis being tested, a two-sided 5-sigma excursion has probability
 5.7e-7, so a failure is a defect, not bad luck. A chi-square test uses the
 exact quantile 1 - 1e-6 of its distribution instead.
 
-The random bits are observed through the kernels only (round-up indicators of
-values whose pre-rounding float32 value is known); nothing here recomputes the
-hash except one consistency check against tf_bf16.reference.
+The random bits are observed through the kernels (round-up indicators of
+values whose pre-rounding float32 value is known; d0 and d1 read back exactly
+by bisection), except in section 4's tests of d2 and d3 and of the joint
+distribution of an element's draws, which take the draws from
+tf_bf16.reference, after checking that the kernels' d0 and d1 are the
+reference's bit for bit (the bit-identity suites check d2 and d3 through
+Adam's slots).
 """
 
 import math
@@ -268,7 +275,7 @@ def test_adjacent_elements_uncorrelated(device):
     x = half_p_value(N_CORR + (1 << 16))
     z = standardized(round_up_indicator(x, sr_bits(x, seed=21, step=0, var_id=0)), 0.5)
     # Lag 1 is "element i and i+1"; the others catch structure at power-of-two
-    # strides (rows of typical tensors, hash lanes) and far apart.
+    # strides (rows of typical tensors, SIMD widths) and far apart.
     for lag in (1, 2, 3, 8, 255, 256, 4096, 65536):
         assert_uncorrelated(z[:N_CORR], z[lag:lag + N_CORR], f"elements i, i+{lag}")
     # 2-D layout: rows are consecutive flat indices, so column neighbours are lag 1024.
@@ -312,8 +319,9 @@ def _random_bf16(rng, n, low, high):
     return tf.cast(tf.constant(rng.uniform(low, high, n).astype(np.float32)), tf.bfloat16)
 
 
-def _lane_indicators(update, states, n):
-    """Round-up indicators and probabilities of each state an update writes.
+def _draw_indicators(update, states, n, observe=None):
+    """Round-up indicators and probabilities of each state an update writes
+    (of those named in `observe`, if given).
 
     `update(variables)` applies one optimizer step; `states` maps a name to the
     bf16 initial value. The same step on float32 variables holding the same
@@ -326,19 +334,19 @@ def _lane_indicators(update, states, n):
     update(exact)
     update(rounded)
     out = {}
-    for k in states:
+    for k in observe or states:
         pre = exact[k].numpy()
         _, _, low16 = neighbours(pre)
         out[k] = (round_up_indicator(pre, bits(rounded[k])), low16 / 65536.0)
     return out
 
 
-def _assert_lanes_uncorrelated(indicators, what):
+def _assert_draws_uncorrelated(indicators, what):
     names = sorted(indicators)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             (u_a, p_a), (u_b, p_b) = indicators[a], indicators[b]
-            # Only elements whose round-up is genuinely random in both lanes
+            # Only elements whose round-up is genuinely random in both tensors
             # (selection by value, not by outcome, so it cannot bias r).
             sel = (p_a > 0.05) & (p_a < 0.95) & (p_b > 0.05) & (p_b < 0.95)
             assert sel.sum() > 50_000, (what, a, b, sel.sum())
@@ -346,61 +354,97 @@ def _assert_lanes_uncorrelated(indicators, what):
                                 standardized(u_b[sel], p_b[sel]), f"{what}: {a} vs {b}")
 
 
-N_LANES = 1 << 18
+N_DRAWS = 1 << 18
 
 
-def test_sgd_weight_and_momentum_lanes_uncorrelated(device):
+def test_sgd_weight_and_momentum_draws_uncorrelated(device):
+    """The weight takes d0, the accumulator d1: the two halves of one h0."""
     rng = np.random.default_rng(5)
-    grad = tf.constant(rng.uniform(0.5, 2.0, N_LANES).astype(np.float32))
-    states = {"weight": _random_bf16(rng, N_LANES, -1, 1),
-              "accum": _random_bf16(rng, N_LANES, -1, 1)}
+    grad = tf.constant(rng.uniform(0.5, 2.0, N_DRAWS).astype(np.float32))
+    states = {"weight": _random_bf16(rng, N_DRAWS, -1, 1),
+              "accum": _random_bf16(rng, N_DRAWS, -1, 1)}
 
     def update(v):
         ops.apply_sgd(v["weight"], grad, learning_rate=0.1, momentum=0.9,
                       accumulator=v["accum"], rounding="stochastic", seed=3, step=17,
                       var_id=4)
 
-    _assert_lanes_uncorrelated(_lane_indicators(update, states, N_LANES), "SGD momentum")
+    _assert_draws_uncorrelated(_draw_indicators(update, states, N_DRAWS), "SGD momentum")
 
 
-def test_adam_weight_and_slot_lanes_uncorrelated(device):
-    """Lanes 0-3. vhat starts at 0, so vhat' = v': lanes 2 and 3 round the same
-    float32 value, and only their lanes tell their bits apart."""
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan"])
+def test_adam_weight_and_slot_draws_uncorrelated(device, rounding):
+    """Stochastic: weight d0, m d1, v d2, vhat d3 (all four draws of an element);
+    Kahan: m d0, v d1, vhat d2. vhat starts at 0, so vhat' = v': v and vhat
+    round the same float32 value, and only their draws tell their bits apart."""
     rng = np.random.default_rng(6)
-    grad = tf.constant(rng.uniform(0.5, 2.0, N_LANES).astype(np.float32))
-    states = {"weight": _random_bf16(rng, N_LANES, -1, 1),
-              "m": _random_bf16(rng, N_LANES, -0.5, 0.5),
-              "v": _random_bf16(rng, N_LANES, 0.0, 0.5),
-              "vhat": tf.zeros([N_LANES], tf.bfloat16)}
+    grad = tf.constant(rng.uniform(0.5, 2.0, N_DRAWS).astype(np.float32))
+    states = {"weight": _random_bf16(rng, N_DRAWS, -1, 1),
+              "m": _random_bf16(rng, N_DRAWS, -0.5, 0.5),
+              "v": _random_bf16(rng, N_DRAWS, 0.0, 0.5),
+              "vhat": tf.zeros([N_DRAWS], tf.bfloat16)}
+    compensation = tf.Variable(tf.zeros([N_DRAWS], tf.bfloat16))
 
     def update(v):
-        ops.apply_adam(v["weight"], grad, v["m"], v["v"], learning_rate=0.01,
-                       vhat=v["vhat"], rounding="stochastic", seed=3, step=17, var_id=4)
+        bf16 = v["m"].dtype == tf.bfloat16
+        ops.apply_adam(v["weight"], grad, v["m"], v["v"], learning_rate=0.01, vhat=v["vhat"],
+                       rounding=rounding,
+                       compensation=compensation if rounding == "kahan" and bf16 else None,
+                       seed=3, step=17, var_id=4)
 
-    ind = _lane_indicators(update, states, N_LANES)
-    _assert_lanes_uncorrelated(ind, "Adam/AMSGrad")
+    # Under Kahan the weight is rounded to nearest, with its compensation.
+    observe = ["m", "v", "vhat"] if rounding == "kahan" else None
+    _assert_draws_uncorrelated(_draw_indicators(update, states, N_DRAWS, observe),
+                               f"Adam/AMSGrad {rounding}")
 
 
 # ---------------------------------------------------------------------------
-# 4. Uniformity of the 16 random bits.
+# 4. Uniformity and independence of the 16-bit draws.
 
 
-def recover_random_bits(n, seed, step, var_id):
-    """The 16-bit value r of elements 0..n-1, read back through the kernel.
-
-    x = 1 + l * 2^-23 (dropped bits l) rounds up iff r >= 2^16 - l, so 16
-    calls with per-element thresholds binary-search r exactly.
-    """
+def _bisect_draw(n, rounds_up):
+    """Recovers a 16-bit draw r per element from `rounds_up(x)`: a kernel call
+    that rounds float32 x (n elements) stochastically with r and says which
+    went up. x = 1 + l * 2^-23 (dropped bits l) rounds up iff r >= 2^16 - l, so
+    16 calls with per-element thresholds binary-search r exactly."""
     lo = np.zeros(n, np.int64)
     hi = np.full(n, 1 << 16, np.int64)
     for _ in range(16):
         mid = (lo + hi) // 2  # in [1, 65535]
-        x = f32_from_bits((0x3F800000 | (65536 - mid)).astype(np.uint32))
-        up = sr_bits(x, seed, step, var_id) != 0x3F80
+        up = rounds_up(f32_from_bits((0x3F800000 | (65536 - mid)).astype(np.uint32)))
         lo = np.where(up, mid, lo)
         hi = np.where(up, hi, mid)
     assert (hi - lo == 1).all()
     return lo
+
+
+def recover_random_bits(n, seed, step, var_id):
+    """Draw d0 of elements 0..n-1, read back through stochastic_round."""
+    return _bisect_draw(n, lambda x: sr_bits(x, seed, step, var_id) != 0x3F80)
+
+
+def recover_accumulator_draw(n, seed, step, var_id):
+    """Draw d1 of elements 0..n-1, read back through SGD's accumulator under
+    stochastic rounding: momentum 0 and learning rate 1 make the new
+    accumulator exactly -g (0 * 0 - g * 1), rounded with d1."""
+    w = tf.Variable(tf.zeros([n], tf.bfloat16))
+    accum = tf.Variable(tf.zeros([n], tf.bfloat16))
+
+    def rounds_up(x):
+        accum.assign(tf.zeros([n], tf.bfloat16))
+        ops.apply_sgd(w, tf.constant(x), learning_rate=1.0, momentum=0.0, accumulator=accum,
+                      rounding="stochastic", seed=seed, step=step, var_id=var_id)
+        return bits(accum) != 0xBF80  # -1 or, rounded up in magnitude, -(1 + 2^-7)
+
+    return _bisect_draw(n, rounds_up)
+
+
+def reference_draws(n, seed, step, var_id):
+    """[d0, d1, d2, d3] of elements 0..n-1 (int64 arrays), from tf_bf16.reference."""
+    key = reference.stream_key(tf.constant(seed, tf.int64), tf.constant(step, tf.int64),
+                               tf.constant(var_id, tf.int64))
+    return [d.numpy().astype(np.int64)
+            for d in reference.draws(key, tf.range(n, dtype=tf.int64))]
 
 
 def chi2_upper_lower(df, tail=1e-6):
@@ -426,39 +470,87 @@ def chi_square(counts):
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-@pytest.mark.parametrize("key", [(0, 0, 0), (2026, 10**12, 7), (-5, 3, 1 << 40)])
-def test_random_bits_uniform_chi_square(device, key):
-    # 4M elements (the size of one mid-sized weight tensor): the largest
-    # sample that keeps this test near one second per key here.
-    n = 1 << 22
-    r = recover_random_bits(n, *key)
-    # Sanity of the read-back and kernel/spec agreement: the bits are exactly
-    # those of docs/rounding.md section 3 (weight lane).
-    stream = reference.stream_key(tf.constant(key[0], tf.int64), tf.constant(key[1], tf.int64),
-                                  tf.constant(key[2], tf.int64), reference.WEIGHT_LANE)
-    want = reference.random_bits16(stream, tf.range(n, dtype=tf.int64)).numpy()
-    np.testing.assert_array_equal(r, want.astype(np.int64))
+def joint_high_nibbles(a, b):
+    """Counts of the 256 (high nibble of a, high nibble of b) pairs of 16-bit draws."""
+    return np.bincount(((a >> 12) << 4) | (b >> 12), minlength=256)
 
-    # Three 256-cell tests, each chi-square with 255 degrees of freedom under
-    # uniformity (expected count 16384 or 8192 per cell, far above the usual
-    # >= 5 rule). Both tails at 1e-6: too large = non-uniform, too small = too
-    # regular to be random.
+
+def assert_chi_square_256(tests, what):
+    """Each entry of `tests` is 256 counts, chi-square with 255 degrees of freedom
+    under uniformity (for a joint histogram: under independence of two uniform
+    draws). Both tails at 1e-6: too large = non-uniform or dependent, too small
+    = too regular to be random."""
     lower, upper = chi2_upper_lower(255)
-    tests = {
-        "high byte": np.bincount(r >> 8, minlength=256),
-        "low byte": np.bincount(r & 0xFF, minlength=256),
-        # Serial test: high nibbles of disjoint pairs (element 2i, 2i+1).
-        "pairs of high nibbles": np.bincount(((r[0::2] >> 12) << 4) | (r[1::2] >> 12),
-                                             minlength=256),
-    }
-    stats = {what: chi_square(counts) for what, counts in tests.items()}
-    bad = {what: stat for what, stat in stats.items() if not lower <= stat <= upper}
+    stats = {name: chi_square(counts) for name, counts in tests.items()}
+    bad = {name: stat for name, stat in stats.items() if not lower <= stat <= upper}
     assert not bad, (
-        f"key {key}: chi-square (255 df) outside [{lower:.1f}, {upper:.1f}] for {sorted(bad)}; "
+        f"{what}: chi-square (255 df) outside [{lower:.1f}, {upper:.1f}] for {sorted(bad)}; "
         f"all: " + ", ".join(f"{w} {v:.1f}" for w, v in stats.items()))
-    # Every one of the 2^16 values occurs: with 4M draws the expected number
-    # of missing values is 65536 * exp(-64) ~ 1e-23.
-    assert np.unique(r).size == 65536
+
+
+# 4M elements (the size of one mid-sized weight tensor): the largest sample
+# that keeps a kernel read-back near one second per key here. Expected count
+# per cell 16384 (8192 for the serial pairs), far above the usual >= 5 rule.
+N_UNIFORM = 1 << 22
+UNIFORM_KEYS = [(0, 0, 0), (2026, 10**12, 7), (-5, 3, 1 << 40)]
+
+
+@pytest.mark.parametrize("key", UNIFORM_KEYS)
+def test_random_bits_uniform_chi_square(device, key):
+    """Every draw of an element is uniform over the 2^16 values: d0 and d1 read
+    back through the kernels (and equal to the specification's, bit for bit),
+    d2 and d3 from the reference."""
+    n = N_UNIFORM
+    spec = reference_draws(n, *key)
+    kernel = {0: recover_random_bits(n, *key), 1: recover_accumulator_draw(n, *key)}
+    for k, r in kernel.items():
+        np.testing.assert_array_equal(r, spec[k], err_msg=f"kernel's d{k} vs the spec's")
+    for k, r in enumerate(spec):
+        assert_chi_square_256({
+            "high byte": np.bincount(r >> 8, minlength=256),
+            "low byte": np.bincount(r & 0xFF, minlength=256),
+            # Serial test: high nibbles of disjoint pairs (element 2i, 2i+1).
+            "pairs of high nibbles": joint_high_nibbles(r[0::2], r[1::2]),
+        }, f"key {key}, draw d{k}")
+        # Every one of the 2^16 values occurs: with 4M draws the expected
+        # number of missing values is 65536 * exp(-64) ~ 1e-23.
+        assert np.unique(r).size == 65536, f"key {key}, d{k}"
+
+
+@pytest.mark.parametrize("key", UNIFORM_KEYS)
+def test_draws_of_one_element_independent(key):
+    """The four draws of one element come from one hash chain (d0, d1 the halves
+    of h0; d2, d3 those of h1 = Mix32(h0 ^ C)): every pair of them, and the
+    same draw of adjacent elements, must look independent. Joint histogram of
+    their high nibbles: 256 cells, chi-square with 255 degrees of freedom
+    under independence (both draws uniform, as tested above)."""
+    d = reference_draws(N_UNIFORM, *key)
+    tests = {f"d{a} vs d{b}": joint_high_nibbles(d[a], d[b])
+             for a in range(4) for b in range(a + 1, 4)}
+    # Low nibbles too: d1 and d3 are low halves, and a weak hash shows first
+    # in its low bits.
+    tests.update({f"low nibbles d{a} vs d{b}": np.bincount(((d[a] & 15) << 4) | (d[b] & 15),
+                                                           minlength=256)
+                  for a, b in [(0, 1), (1, 2), (2, 3), (1, 3)]})
+    tests.update({f"d{k} of elements i, i+1": joint_high_nibbles(d[k][:-1], d[k][1:])
+                  for k in range(4)})
+    assert_chi_square_256(tests, f"key {key}")
+
+
+# Same elements, neighbouring keys: every draw of one stream against the same
+# draw, and the neighbouring draw, of the other.
+DRAW_KEY_PAIRS = [((7, 0, 0), (7, 1, 0)), ((7, 5, 0), (7, 5, 1)), ((0, 5, 3), (1, 5, 3)),
+                  ((7, 0, 0), (7, 1 << 32, 0))]
+
+
+@pytest.mark.parametrize("key_a,key_b", DRAW_KEY_PAIRS,
+                         ids=[f"{a}-{b}" for a, b in DRAW_KEY_PAIRS])
+def test_draws_of_neighbouring_streams_independent(key_a, key_b):
+    n = 1 << 21
+    da, db = reference_draws(n, *key_a), reference_draws(n, *key_b)
+    tests = {f"d{k} vs d{k}": joint_high_nibbles(da[k], db[k]) for k in range(4)}
+    tests.update({f"d{k} vs d{k + 1}": joint_high_nibbles(da[k], db[k + 1]) for k in range(3)})
+    assert_chi_square_256(tests, f"keys {key_a} vs {key_b}")
 
 
 # ---------------------------------------------------------------------------

@@ -10,9 +10,11 @@ tf_bf16.policy). Not here: any arithmetic.
 # rounding, or round to nearest with a Kahan compensation buffer.
 ROUNDINGS = ("nearest", "stochastic", "kahan")
 
-# Section 3.2: the stream key's initial value and the lanes of one update call.
+# Section 3: the stream key's initial value and final word, and the odd
+# constant C of an element's second hash h1 = Mix32(h0 ^ C).
 STREAM_KEY_INIT = 0x6A09E667
-WEIGHT_LANE, FIRST_SLOT_LANE, SECOND_SLOT_LANE, MAX_SLOT_LANE = 0, 1, 2, 3
+STREAM_KEY_FINAL_WORD = 0
+SECOND_HASH_CONSTANT = 0x9E3779B9
 
 # Section 2: the canonical quiet NaN of every stored result.
 CANONICAL_NAN_BF16 = 0x7FC0

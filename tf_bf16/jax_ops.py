@@ -51,12 +51,10 @@ from jax import lax
 
 from tf_bf16._spec import CANONICAL_NAN_BF16
 from tf_bf16._spec import CANONICAL_NAN_FLOAT32
-from tf_bf16._spec import FIRST_SLOT_LANE
-from tf_bf16._spec import MAX_SLOT_LANE
 from tf_bf16._spec import ROUNDINGS
-from tf_bf16._spec import SECOND_SLOT_LANE
+from tf_bf16._spec import SECOND_HASH_CONSTANT
+from tf_bf16._spec import STREAM_KEY_FINAL_WORD
 from tf_bf16._spec import STREAM_KEY_INIT
-from tf_bf16._spec import WEIGHT_LANE
 
 __all__ = [
     "stochastic_round",
@@ -129,8 +127,9 @@ def _halves(value, role):
             (bits >> np.uint64(32)).astype(jnp.uint32))
 
 
-def stream_key(seed, step, var_id, lane):
-    """The key of one stream: Mix32 absorbs seed, step, var_id (low half first), then the lane.
+def stream_key(seed, step, var_id):
+    """The key of one op call's stream: Mix32 absorbs seed, step, var_id (low half
+    first), then the final word 0.
 
     A Python int (as a numpy uint32) when all three are Python integers, else a
     uint32 scalar array."""
@@ -143,8 +142,8 @@ def stream_key(seed, step, var_id, lane):
                 half = np.uint32(half) if isinstance(half, int) else half
                 key = mix32(jnp.asarray(key, jnp.uint32) ^ half)
     if isinstance(key, int):
-        return np.uint32(_mix32_int(key ^ lane))
-    return mix32(key ^ np.uint32(lane))
+        return np.uint32(_mix32_int(key ^ STREAM_KEY_FINAL_WORD))
+    return mix32(key ^ np.uint32(STREAM_KEY_FINAL_WORD))
 
 
 def flat_index(shape):
@@ -164,24 +163,45 @@ def flat_index(shape):
     return index
 
 
-def random_bits16(key, shape):
-    """16 random bits (uint32 < 2**16) for each element of an array of `shape`."""
+def element_hash(key, shape):
+    """h0 = Mix32(Mix32(index ^ block_key)) for each element of an array of `shape`."""
     # Every index is below 2**32: its high half is 0 and the block key one Mix32 of the key.
     if isinstance(key, (int, np.integer)):
         block_key = np.uint32(_mix32_int(int(key)))
     else:
         block_key = mix32(key)
-    return mix32(mix32(flat_index(shape) ^ block_key)) >> np.uint32(16)
+    return mix32(mix32(flat_index(shape) ^ block_key))
+
+
+def draws(h0, count):
+    """The first `count` (1..4) 16-bit draws [d0, d1, d2, d3] of each element, from
+    its h0: the high and low halves of h0, then of h1 = Mix32(h0 ^ C); h1 is
+    computed only when a third draw is asked for."""
+    result = [h0 >> np.uint32(16), h0 & np.uint32(0xFFFF)]
+    if count > 2:
+        h1 = mix32(h0 ^ np.uint32(SECOND_HASH_CONSTANT))
+        result += [h1 >> np.uint32(16), h1 & np.uint32(0xFFFF)]
+    return result[:count]
 
 
 class _Stream:
-    """The random bits of one update call, per lane, for elements of `shape`."""
+    """The random bits of one update call for elements of `shape`."""
 
     def __init__(self, seed, step, var_id, shape):
         self.seed, self.step, self.var_id, self.shape = seed, step, var_id, shape
+        self._h0 = None
 
-    def bits(self, lane):
-        return random_bits16(stream_key(self.seed, self.step, self.var_id, lane), self.shape)
+    def draw(self, k):
+        """Draw k (0..3) of every element."""
+        if self._h0 is None:
+            self._h0 = element_hash(stream_key(self.seed, self.step, self.var_id), self.shape)
+        return draws(self._h0, k + 1)[k]
+
+
+def _slot_draw(rounding, slot):
+    """The draw of optimizer slot `slot` (0: accumulator or m, 1: v, 2: vhat):
+    the weight takes d0 under "stochastic", the slots the draws after it."""
+    return (1 if rounding == "stochastic" else 0) + slot
 
 
 # ---------------------------------------------------------------------------
@@ -405,13 +425,13 @@ def _scalar(value, role, low=None, high=None, high_open=False):
 # Storing state and committing the weight (section 5)
 
 
-def _store_state(value, dtype, rounding, stream, lane):
+def _store_state(value, dtype, rounding, stream, slot):
     """Slots: exact in float32; bf16 nearest under 'nearest', else stochastic."""
     if dtype == jnp.float32:
         return canonicalize_nan(value)
     if rounding == "nearest":
         return round_nearest(value)
-    return round_stochastic(value, stream.bits(lane))
+    return round_stochastic(value, stream.draw(_slot_draw(rounding, slot)))
 
 
 def _commit(weight, delta, dtype, rounding, compensation, stream, f):
@@ -425,7 +445,7 @@ def _commit(weight, delta, dtype, rounding, compensation, stream, f):
     if dtype == jnp.float32:
         return canonicalize_nan(total), None
     if rounding == "stochastic":
-        return round_stochastic(total, stream.bits(WEIGHT_LANE)), None
+        return round_stochastic(total, stream.draw(0)), None
     return round_nearest(total), None
 
 
@@ -458,12 +478,12 @@ def _load(array):
 def stochastic_round(x, seed, step=0, var_id=0, name=None):
     """Stochastically rounds a float32 array to bfloat16 (`tf_bf16.ops.stochastic_round`).
 
-    Bits of lane 0 of the stream (seed, step, var_id); no arithmetic, no
-    flushing. Not differentiable (wrap the input in `lax.stop_gradient`)."""
+    Draw d0 of the stream (seed, step, var_id); no arithmetic, no flushing.
+    Not differentiable (wrap the input in `lax.stop_gradient`)."""
     x = _array(x, "x", name)
     if x.dtype != jnp.float32:
         raise ValueError(f"stochastic_round: 'x' has dtype {x.dtype}; pass float32.")
-    return round_stochastic(x, _Stream(seed, step, var_id, x.shape).bits(WEIGHT_LANE))
+    return round_stochastic(x, _Stream(seed, step, var_id, x.shape).draw(0))
 
 
 def rounded_assign_add(variable, delta, rounding="stochastic", compensation=None, seed=0,
@@ -508,7 +528,7 @@ def apply_sgd(variable, gradient, learning_rate, momentum=0.0, accumulator=None,
     out = {}
     if accum is not None:
         a = f.sub(f.mul(_load(accum)[1], mom), f.mul(g, lr))
-        out["accumulator"] = _store_state(a, var.dtype, rounding, stream, FIRST_SLOT_LANE)
+        out["accumulator"] = _store_state(a, var.dtype, rounding, stream, 0)
         update = f.sub(f.mul(a, mom), f.mul(g, lr)) if nesterov else a
     else:
         update = -f.mul(g, lr)
@@ -576,14 +596,14 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
     _, v_old = _load(slots["v"])
     m_new = f.add(m_old, f.mul(f.sub(g, m_old), omb1))
     v_new = f.add(v_old, f.mul(f.sub(f.mul(g, g), v_old), omb2))
-    out = {"m": _store_state(m_new, var.dtype, rounding, stream, FIRST_SLOT_LANE),
-           "v": _store_state(v_new, var.dtype, rounding, stream, SECOND_SLOT_LANE)}
+    out = {"m": _store_state(m_new, var.dtype, rounding, stream, 0),
+           "v": _store_state(v_new, var.dtype, rounding, stream, 1)}
     v_used = v_new
     if vhat is not None:
         vhat_raw, vhat_old = _load(slots["vhat"])
         # The comparison sees the flushed value; the select keeps the stored bits.
         v_used = jnp.where(jnp.isnan(v_new) | (v_new > vhat_old), v_new, vhat_raw)
-        out["vhat"] = _store_state(v_used, var.dtype, rounding, stream, MAX_SLOT_LANE)
+        out["vhat"] = _store_state(v_used, var.dtype, rounding, stream, 2)
     step_size = f.div(f.mul(m_new, alpha), f.add(f.sqrt(flush_denormal(v_used)), eps))
     delta = _decayed(-step_size, w, wd, lr, f)
     return _finish(out, *_commit(w, delta, var.dtype, rounding, comp, stream, f))
@@ -617,7 +637,7 @@ def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
     m_new = f.add(f.mul(m_old, b2), f.mul(g, omb2))
     sign = jnp.where(c > 0, one, jnp.where(c < 0, -one, jnp.where(jnp.isnan(c), c, 0 * one)))
     delta = _decayed(-f.mul(lr, sign), w, wd, lr, f)
-    out = {"m": _store_state(m_new, var.dtype, rounding, stream, FIRST_SLOT_LANE)}
+    out = {"m": _store_state(m_new, var.dtype, rounding, stream, 0)}
     return _finish(out, *_commit(w, delta, var.dtype, rounding, comp, stream, f))
 
 

@@ -13,11 +13,9 @@ import tensorflow as tf
 from tf_bf16 import _args
 from tf_bf16._spec import CANONICAL_NAN_BF16
 from tf_bf16._spec import CANONICAL_NAN_FLOAT32
-from tf_bf16._spec import FIRST_SLOT_LANE
-from tf_bf16._spec import MAX_SLOT_LANE
-from tf_bf16._spec import SECOND_SLOT_LANE
+from tf_bf16._spec import SECOND_HASH_CONSTANT
+from tf_bf16._spec import STREAM_KEY_FINAL_WORD
 from tf_bf16._spec import STREAM_KEY_INIT
-from tf_bf16._spec import WEIGHT_LANE
 
 _U32 = tf.uint32
 
@@ -43,21 +41,33 @@ def _split64(value):
     return low, high
 
 
-def stream_key(seed, step, var_id, lane):
+def stream_key(seed, step, var_id):
+    """The key of one op call's random stream: Mix32 absorbs seed, step, var_id
+    (int64 scalars, low half first), then the final word 0."""
     key = _u32(STREAM_KEY_INIT)
     for word in (seed, step, var_id):
         low, high = _split64(word)
         key = mix32(tf.bitwise.bitwise_xor(key, low))
         key = mix32(tf.bitwise.bitwise_xor(key, high))
-    return mix32(tf.bitwise.bitwise_xor(key, _u32(lane)))
+    return mix32(tf.bitwise.bitwise_xor(key, _u32(STREAM_KEY_FINAL_WORD)))
 
 
-def random_bits16(key, flat_index):
-    """16 random bits for each int64 element index, from a stream key."""
+def element_hashes(key, flat_index):
+    """(h0, h1) of each int64 element index, from a stream key:
+    h0 = Mix32(Mix32(low32(i) ^ Mix32(key ^ high32(i)))), h1 = Mix32(h0 ^ C)."""
     low, high = _split64(flat_index)
     block_key = mix32(tf.bitwise.bitwise_xor(key, high))
-    return tf.bitwise.right_shift(mix32(mix32(tf.bitwise.bitwise_xor(low, block_key))),
-                                  _u32(16))
+    h0 = mix32(mix32(tf.bitwise.bitwise_xor(low, block_key)))
+    return h0, mix32(tf.bitwise.bitwise_xor(h0, _u32(SECOND_HASH_CONSTANT)))
+
+
+def draws(key, flat_index):
+    """The four 16-bit draws [d0, d1, d2, d3] of each element (uint32 < 2**16):
+    the high and low halves of h0, then of h1."""
+    result = []
+    for h in element_hashes(key, flat_index):
+        result += [tf.bitwise.right_shift(h, _u32(16)), tf.bitwise.bitwise_and(h, _u32(0xFFFF))]
+    return result
 
 
 def _bits(x):
@@ -110,26 +120,34 @@ def kahan_add(weight, delta, compensation):
 
 
 class _Stream:
-    """Random bits of one op call: key per lane, element indices given."""
+    """Random bits of one op call: the stream key, element indices given."""
 
     def __init__(self, seed, step, var_id, flat_index):
-        self.seed = _args.int64_scalar(seed, "seed")
-        self.step = _args.int64_scalar(step, "step")
-        self.var_id = _args.int64_scalar(var_id, "var_id")
+        self.key = stream_key(_args.int64_scalar(seed, "seed"), _args.int64_scalar(step, "step"),
+                              _args.int64_scalar(var_id, "var_id"))
         self.flat_index = flat_index
+        self._draws = None
 
-    def bits(self, lane):
-        return random_bits16(stream_key(self.seed, self.step, self.var_id, lane),
-                             self.flat_index)
+    def draw(self, k):
+        """Draw k (0..3) of every element."""
+        if self._draws is None:
+            self._draws = draws(self.key, self.flat_index)
+        return self._draws[k]
 
 
-def _store_state(value, dtype, rounding, stream, lane):
+def slot_draw(rounding, slot):
+    """The draw of optimizer slot `slot` (0: accum or m, 1: v, 2: vhat): the
+    weight takes d0 under 'stochastic', the slots the draws after it."""
+    return (1 if rounding == "stochastic" else 0) + slot
+
+
+def _store_state(value, dtype, rounding, stream, slot):
     """Optimizer slots: exact in float32; bf16 nearest under 'nearest', else stochastic."""
     if dtype == tf.float32:
         return canonicalize_nan(value)
     if rounding == "nearest":
         return round_nearest(value)
-    return round_stochastic(value, stream.bits(lane))
+    return round_stochastic(value, stream.draw(slot_draw(rounding, slot)))
 
 
 def _commit_weight(weight, delta, dtype, rounding, compensation, stream):
@@ -139,7 +157,7 @@ def _commit_weight(weight, delta, dtype, rounding, compensation, stream):
     if rounding == "kahan":
         return kahan_add(weight, delta, compensation)
     if rounding == "stochastic":
-        return round_stochastic(weight + delta, stream.bits(WEIGHT_LANE)), None
+        return round_stochastic(weight + delta, stream.draw(0)), None
     return round_nearest(weight + delta), None
 
 
@@ -238,7 +256,7 @@ def _row_elements(rows, row_size):
 def _run_update(variables, gradient, math_fn, rounding, compensation, seed, step, var_id):
     """Applies math_fn to dense or sparse gradients.
 
-    variables: dict role -> variable ("var" first, then slots in lane order);
+    variables: dict role -> variable ("var" first, then slots in input order);
     math_fn(values: dict role -> flat f32, g: flat f32, stream) returns
     (delta, dict role -> new flat f32 slot values).
     """
@@ -264,8 +282,8 @@ def _run_update(variables, gradient, math_fn, rounding, compensation, seed, step
     return None
 
 
-_LANES = {"accum": FIRST_SLOT_LANE, "m": FIRST_SLOT_LANE, "v": SECOND_SLOT_LANE,
-          "vhat": MAX_SLOT_LANE}
+# The optimizer slots in input order (docs/rounding.md 3.3: the order of their draws).
+_SLOTS = {"accum": 0, "m": 0, "v": 1, "vhat": 2}
 
 
 def _update_elements(variables, elements, g, math_fn, dtype, rounding, compensation, seed,
@@ -290,7 +308,7 @@ def _update_elements(variables, elements, g, math_fn, dtype, rounding, compensat
     comp = read(compensation) if compensation is not None else None
     new_w, new_comp = _commit_weight(current["var"], delta, dtype, rounding, comp, stream)
     for role, value in new_slots.items():
-        write(variables[role], _store_state(value, dtype, rounding, stream, _LANES[role]))
+        write(variables[role], _store_state(value, dtype, rounding, stream, _SLOTS[role]))
     write(variables["var"], new_w)
     if new_comp is not None:
         write(compensation, new_comp)
@@ -307,7 +325,7 @@ def stochastic_round(x, seed, step=0, var_id=0, name=None):
         raise _args.invalid(f"stochastic_round: 'x' has dtype {x.dtype.name}; pass float32.")
     flat = tf.reshape(x, [-1])
     stream = _Stream(seed, step, var_id, tf.range(tf.size(flat, out_type=tf.int64)))
-    return tf.reshape(round_stochastic(flat, stream.bits(WEIGHT_LANE)), tf.shape(x))
+    return tf.reshape(round_stochastic(flat, stream.draw(0)), tf.shape(x))
 
 
 def rounded_assign_add(variable, delta, rounding="stochastic", compensation=None, seed=0,

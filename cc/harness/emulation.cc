@@ -22,7 +22,7 @@
 
 namespace {
 
-using tf_bf16::LaneKeys;
+using tf_bf16::RandomKey;
 using tf_bf16::Rounding;
 namespace k = tf_bf16::kernels;
 
@@ -55,7 +55,7 @@ struct TfBf16EmulatedCall {
   int64_t seed, step, var_id;
   uint64_t threads;
   int32_t allow_vector;
-  int32_t unused;
+  int32_t chunks_per_trip;  // dense: HostEmulator::chunks_per_trip (0 or 1: one)
   int64_t first_index;  // dense only, see HostEmulator::first_index
   // Adam's 1 - beta, computed by the caller as Keras does (docs/rounding.md 5.3).
   float one_minus_beta1, one_minus_beta2;
@@ -67,7 +67,7 @@ namespace {
 
 template <Rounding R, typename S, typename G>
 int Run(const TfBf16EmulatedCall& c, const k::HostEmulator& ex) {
-  const LaneKeys keys = tf_bf16::MakeStreamKeys(c.seed, c.step, c.var_id);
+  const RandomKey stream_key = tf_bf16::MakeStreamKey(c.seed, c.step, c.var_id);
   S* var = static_cast<S*>(c.var);
   S* slot1 = static_cast<S*>(c.slot1);
   S* slot2 = static_cast<S*>(c.slot2);
@@ -107,23 +107,23 @@ int Run(const TfBf16EmulatedCall& c, const k::HostEmulator& ex) {
     const k::SparseGroupsView groups{order.data(), starts.data(), rows.data(),
                                      static_cast<int64_t>(rows.size())};
     if (c.op == kSgd) {
-      return k::SparseApplySgd<R>(ex, var, slot1, comp, grad, groups, c.row_size, sgd, keys);
+      return k::SparseApplySgd<R>(ex, var, slot1, comp, grad, groups, c.row_size, sgd, stream_key);
     }
     if (c.op == kAdam) {
       return k::SparseApplyAdam<R>(ex, var, slot1, slot2, slot3, comp, grad, groups,
-                                   c.row_size, adam, keys);
+                                   c.row_size, adam, stream_key);
     }
     return -1;
   }
   switch (c.op) {
     case kAssignAdd:
-      return k::RoundedAssignAdd<R>(ex, var, comp, grad, c.n, keys);
+      return k::RoundedAssignAdd<R>(ex, var, comp, grad, c.n, stream_key);
     case kSgd:
-      return k::ApplySgd<R>(ex, var, slot1, comp, grad, c.n, sgd, keys);
+      return k::ApplySgd<R>(ex, var, slot1, comp, grad, c.n, sgd, stream_key);
     case kAdam:
-      return k::ApplyAdam<R>(ex, var, slot1, slot2, slot3, comp, grad, c.n, adam, keys);
+      return k::ApplyAdam<R>(ex, var, slot1, slot2, slot3, comp, grad, c.n, adam, stream_key);
     case kLion:
-      return k::ApplyLion<R>(ex, var, slot1, comp, grad, c.n, lion, keys);
+      return k::ApplyLion<R>(ex, var, slot1, comp, grad, c.n, lion, stream_key);
   }
   return -1;
 }
@@ -137,11 +137,11 @@ int RunTypes(const TfBf16EmulatedCall& c, const k::HostEmulator& ex) {
 }
 
 // The plain host math: every element in index order (sparse: every position
-// in order), each with the block keys of its own index. Nothing vectorised,
+// in order), each with the block key of its own index. Nothing vectorised,
 // no threads: an independent statement of what the CPU kernels compute.
 template <Rounding R, typename S, typename G>
 int Reference(const TfBf16EmulatedCall& c) {
-  const LaneKeys stream = tf_bf16::MakeStreamKeys(c.seed, c.step, c.var_id);
+  const RandomKey stream = tf_bf16::MakeStreamKey(c.seed, c.step, c.var_id);
   S* var = static_cast<S*>(c.var);
   S* slot1 = static_cast<S*>(c.slot1);
   S* slot2 = static_cast<S*>(c.slot2);
@@ -162,29 +162,29 @@ int Reference(const TfBf16EmulatedCall& c) {
                             c.beta2,       1.0f - c.beta2, c.weight_decay,
                             tf_bf16::MaskOf(c.weight_decay != 0.0f)};
   auto element = [&](int64_t i, const G* g) {
-    const LaneKeys keys = stream.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32));
-    const uint32_t lo = static_cast<uint32_t>(i);
+    const RandomKey block = stream.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32));
+    const tf_bf16::ElementBits bits = tf_bf16::ElementBits::Of(block.value, static_cast<uint32_t>(i));
     const float gv = tf_bf16::Load(*g);
     switch (c.op) {
       case kAssignAdd:
-        tf_bf16::AssignAddElement<R>(var, comp, gv, i, lo, keys);
+        tf_bf16::AssignAddElement<R>(var, comp, gv, i, bits);
         break;
       case kSgd:
         if (slot1) {
-          tf_bf16::SgdElement<R, true>(var, slot1, comp, gv, i, lo, sgd, keys);
+          tf_bf16::SgdElement<R, true>(var, slot1, comp, gv, i, sgd, bits);
         } else {
-          tf_bf16::SgdElement<R, false>(var, slot1, comp, gv, i, lo, sgd, keys);
+          tf_bf16::SgdElement<R, false>(var, slot1, comp, gv, i, sgd, bits);
         }
         break;
       case kAdam:
         if (slot3) {
-          tf_bf16::AdamElement<R, true>(var, slot1, slot2, slot3, comp, gv, i, lo, adam, keys);
+          tf_bf16::AdamElement<R, true>(var, slot1, slot2, slot3, comp, gv, i, adam, bits);
         } else {
-          tf_bf16::AdamElement<R, false>(var, slot1, slot2, slot3, comp, gv, i, lo, adam, keys);
+          tf_bf16::AdamElement<R, false>(var, slot1, slot2, slot3, comp, gv, i, adam, bits);
         }
         break;
       case kLion:
-        tf_bf16::LionElement<R>(var, slot1, comp, gv, i, lo, lion, keys);
+        tf_bf16::LionElement<R>(var, slot1, comp, gv, i, lion, bits);
         break;
     }
   };
@@ -234,13 +234,14 @@ int tf_bf16_emulate(const TfBf16EmulatedCall* call) {
   ex.reverse_order = c.reverse_order != 0;
   ex.allow_vector = c.allow_vector != 0;
   ex.first_index = c.first_index;
+  ex.chunks_per_trip = c.chunks_per_trip > 1 ? k::kMaxChunksPerTrip : 1;
   const unsigned int saved_csr = _mm_getcsr();
   _mm_setcsr(saved_csr | 0x8040);  // FTZ | DAZ
   int status = -1;
   if (c.op == kRound) {
     status = k::StochasticRound(ex, static_cast<const float*>(c.grad),
                                 static_cast<uint16_t*>(c.var), c.n,
-                                tf_bf16::MakeStreamKeys(c.seed, c.step, c.var_id));
+                                tf_bf16::MakeStreamKey(c.seed, c.step, c.var_id));
   } else if (c.rounding == 0) {
     status = RunTypes<Rounding::kNearest>(c, ex);
   } else if (c.rounding == 1) {

@@ -116,13 +116,13 @@ inline absl::Status ReadInt64Scalar(OpKernelContext* ctx, const char* name, int6
   return absl::OkStatus();
 }
 
-// The stream keys of the call, from its seed, step and var_id inputs.
-inline absl::Status ReadStreamKeys(OpKernelContext* ctx, tf_bf16::LaneKeys* keys) {
+// The stream key of the call (docs/rounding.md 3.2), from its seed, step and var_id inputs.
+inline absl::Status ReadStreamKey(OpKernelContext* ctx, tf_bf16::RandomKey* stream_key) {
   int64_t seed, step, var_id;
   TF_RETURN_IF_ERROR(ReadInt64Scalar(ctx, "seed", &seed));
   TF_RETURN_IF_ERROR(ReadInt64Scalar(ctx, "step", &step));
   TF_RETURN_IF_ERROR(ReadInt64Scalar(ctx, "var_id", &var_id));
-  *keys = tf_bf16::MakeStreamKeys(seed, step, var_id);
+  *stream_key = tf_bf16::MakeStreamKey(seed, step, var_id);
   return absl::OkStatus();
 }
 

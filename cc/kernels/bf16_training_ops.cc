@@ -32,23 +32,23 @@ using tf_bf16::Rounding;
 
 namespace functor {
 
-// Runs body(begin, end, lane_keys) over [0, n) on the intra-op pool, cutting
-// blocks at multiples of 2^32 so each block has one set of lane keys.
+// Runs body(begin, end, block_key) over [0, n) on the intra-op pool, cutting
+// blocks at multiples of 2^32 so each block has one block key.
 // Arithmetic is done with denormals flushed, as in every TensorFlow CPU op,
 // whichever thread the block lands on.
 template <typename Body>
 void ParallelElements(const CPUDevice& d, int64_t n, double bytes_loaded,
                       double bytes_stored, double cycles,
-                      const tf_bf16::LaneKeys& keys, const Body& body) {
+                      tf_bf16::RandomKey stream_key, const Body& body) {
   if (n <= 0) return;
-  auto run = [&keys, &body](Eigen::Index begin, Eigen::Index end) {
+  auto run = [&stream_key, &body](Eigen::Index begin, Eigen::Index end) {
     port::ScopedFlushDenormal flush;
     while (begin < end) {
       const uint64_t high = static_cast<uint64_t>(begin) >> 32;
       const Eigen::Index block_end =
           std::min<Eigen::Index>(end, static_cast<Eigen::Index>((high + 1) << 32));
       body(static_cast<int64_t>(begin), static_cast<int64_t>(block_end),
-           keys.ForBlock(static_cast<uint32_t>(high)));
+           stream_key.ForBlock(static_cast<uint32_t>(high)));
       begin = block_end;
     }
   };
@@ -58,13 +58,13 @@ void ParallelElements(const CPUDevice& d, int64_t n, double bytes_loaded,
 template <>
 struct Bf16StochasticRound<CPUDevice> {
   absl::Status operator()(const CPUDevice& d, const float* x, uint16_t* y, int64_t n,
-                          const tf_bf16::LaneKeys& keys) {
-    ParallelElements(d, n, 4, 2, 12, keys,
-                     [x, y](int64_t begin, int64_t end, const tf_bf16::LaneKeys& k) {
-                       const uint32_t key = k.weight;
+                          tf_bf16::RandomKey stream_key) {
+    ParallelElements(d, n, 4, 2, 12, stream_key,
+                     [x, y](int64_t begin, int64_t end, tf_bf16::RandomKey k) {
+                       const uint32_t key = k.value;
                        for (int64_t i = begin; i < end; ++i) {
                          y[i] = tf_bf16::RoundStochasticToBf16(
-                             x[i], tf_bf16::RandomBits16(key, static_cast<uint32_t>(i)));
+                             x[i], tf_bf16::ElementBits::Of(key, static_cast<uint32_t>(i)).Draw(0));
                        }
                      });
     return absl::OkStatus();
@@ -92,24 +92,25 @@ Scalars WithConstantMasks(Scalars p) {
   return p;
 }
 
-// The loops below copy scalars and keys into locals and qualify pointers
+// The loops below copy scalars and the block key into locals and qualify pointers
 // __restrict__ so that the compiler can keep them in registers and vectorize;
 // the element functions are branch-free for the same reason.
 
 template <Rounding R, typename S, typename D>
 struct Bf16RoundedAssignAdd<CPUDevice, R, S, D> {
   absl::Status operator()(const CPUDevice& d, S* var, uint16_t* compensation, const D* delta,
-                          int64_t n, const tf_bf16::LaneKeys& keys) {
+                          int64_t n, tf_bf16::RandomKey stream_key) {
     const double state = sizeof(S) + (R == Rounding::kKahan ? 2 : 0);
-    ParallelElements(d, n, state + sizeof(D), state, 8, keys,
-                     [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
-                       const tf_bf16::LaneKeys k = lane_keys;
+    ParallelElements(d, n, state + sizeof(D), state, 8, stream_key,
+                     [=](int64_t begin, int64_t end, tf_bf16::RandomKey block_key) {
+                       const tf_bf16::RandomKey k = block_key;
                        S* __restrict__ w = var;
                        uint16_t* __restrict__ c = compensation;
                        const D* __restrict__ dl = delta;
                        uint32_t lo = static_cast<uint32_t>(begin);
                        for (int64_t i = begin; i < end; ++i, ++lo) {
-                         tf_bf16::AssignAddElement<R>(w, c, tf_bf16::Load(dl[i]), i, lo, k);
+                         tf_bf16::AssignAddElement<R>(w, c, tf_bf16::Load(dl[i]), i,
+                                                      tf_bf16::ElementBits::Of(k.value, lo));
                        }
                      });
     return absl::OkStatus();
@@ -120,15 +121,15 @@ template <Rounding R, typename S, typename G>
 struct Bf16ApplySgd<CPUDevice, R, S, G> {
   absl::Status operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
                           const G* grad, int64_t n, const tf_bf16::SgdScalars& p,
-                          const tf_bf16::LaneKeys& keys) {
+                          tf_bf16::RandomKey stream_key) {
     const double state = sizeof(S) * (accum ? 2 : 1) + (R == Rounding::kKahan ? 2 : 0);
     auto run = [&](auto use_momentum, auto nesterov, auto decay) {
       constexpr bool kUseMomentum = decltype(use_momentum)::value;
       constexpr bool kNesterov = decltype(nesterov)::value;
       constexpr bool kDecay = decltype(decay)::value;
-      ParallelElements(d, n, state + sizeof(G), state, 10, keys,
-                       [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
-                         const tf_bf16::LaneKeys k = lane_keys;
+      ParallelElements(d, n, state + sizeof(G), state, 10, stream_key,
+                       [=](int64_t begin, int64_t end, tf_bf16::RandomKey block_key) {
+                         const tf_bf16::RandomKey k = block_key;
                          const tf_bf16::SgdScalars sp = WithConstantMasks<kNesterov, kDecay>(p);
                          S* __restrict__ w = var;
                          S* __restrict__ a = accum;
@@ -136,8 +137,9 @@ struct Bf16ApplySgd<CPUDevice, R, S, G> {
                          const G* __restrict__ g = grad;
                          uint32_t lo = static_cast<uint32_t>(begin);
                          for (int64_t i = begin; i < end; ++i, ++lo) {
-                           tf_bf16::SgdElement<R, kUseMomentum>(w, a, c, tf_bf16::Load(g[i]),
-                                                                i, lo, sp, k);
+                           tf_bf16::SgdElement<R, kUseMomentum>(
+                               w, a, c, tf_bf16::Load(g[i]), i, sp,
+                               tf_bf16::ElementBits::Of(k.value, lo));
                          }
                        });
     };
@@ -157,14 +159,14 @@ template <Rounding R, typename S, typename G>
 struct Bf16ApplyAdam<CPUDevice, R, S, G> {
   absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat,
                           uint16_t* compensation, const G* grad, int64_t n,
-                          const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
+                          const tf_bf16::AdamScalars& p, tf_bf16::RandomKey stream_key) {
     const double state = sizeof(S) * (vhat ? 4 : 3) + (R == Rounding::kKahan ? 2 : 0);
     auto run = [&](auto amsgrad, auto decay) {
       constexpr bool kAmsgrad = decltype(amsgrad)::value;
       constexpr bool kDecay = decltype(decay)::value;
-      ParallelElements(d, n, state + sizeof(G), state, 20, keys,
-                       [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
-                         const tf_bf16::LaneKeys k = lane_keys;
+      ParallelElements(d, n, state + sizeof(G), state, 20, stream_key,
+                       [=](int64_t begin, int64_t end, tf_bf16::RandomKey block_key) {
+                         const tf_bf16::RandomKey k = block_key;
                          const tf_bf16::AdamScalars sp = WithConstantMasks<false, kDecay>(p);
                          S* __restrict__ w = var;
                          S* __restrict__ m1 = m;
@@ -174,8 +176,9 @@ struct Bf16ApplyAdam<CPUDevice, R, S, G> {
                          const G* __restrict__ g = grad;
                          uint32_t lo = static_cast<uint32_t>(begin);
                          for (int64_t i = begin; i < end; ++i, ++lo) {
-                           tf_bf16::AdamElement<R, kAmsgrad>(w, m1, m2, mx, c,
-                                                             tf_bf16::Load(g[i]), i, lo, sp, k);
+                           tf_bf16::AdamElement<R, kAmsgrad>(
+                               w, m1, m2, mx, c, tf_bf16::Load(g[i]), i, sp,
+                               tf_bf16::ElementBits::Of(k.value, lo));
                          }
                        });
     };
@@ -190,13 +193,13 @@ template <Rounding R, typename S, typename G>
 struct Bf16ApplyLion<CPUDevice, R, S, G> {
   absl::Status operator()(const CPUDevice& d, S* var, S* m, uint16_t* compensation,
                           const G* grad, int64_t n, const tf_bf16::LionScalars& p,
-                          const tf_bf16::LaneKeys& keys) {
+                          tf_bf16::RandomKey stream_key) {
     const double state = sizeof(S) * 2 + (R == Rounding::kKahan ? 2 : 0);
     DispatchBool(p.weight_decay_mask != 0, [&](auto decay) {
       constexpr bool kDecay = decltype(decay)::value;
-      ParallelElements(d, n, state + sizeof(G), state, 10, keys,
-                       [=](int64_t begin, int64_t end, const tf_bf16::LaneKeys& lane_keys) {
-                         const tf_bf16::LaneKeys k = lane_keys;
+      ParallelElements(d, n, state + sizeof(G), state, 10, stream_key,
+                       [=](int64_t begin, int64_t end, tf_bf16::RandomKey block_key) {
+                         const tf_bf16::RandomKey k = block_key;
                          const tf_bf16::LionScalars sp = WithConstantMasks<false, kDecay>(p);
                          S* __restrict__ w = var;
                          S* __restrict__ m1 = m;
@@ -204,8 +207,8 @@ struct Bf16ApplyLion<CPUDevice, R, S, G> {
                          const G* __restrict__ g = grad;
                          uint32_t lo = static_cast<uint32_t>(begin);
                          for (int64_t i = begin; i < end; ++i, ++lo) {
-                           tf_bf16::LionElement<R>(w, m1, c, tf_bf16::Load(g[i]), i, lo, sp,
-                                                   k);
+                           tf_bf16::LionElement<R>(w, m1, c, tf_bf16::Load(g[i]), i, sp,
+                                                   tf_bf16::ElementBits::Of(k.value, lo));
                          }
                        });
     });
@@ -215,7 +218,7 @@ struct Bf16ApplyLion<CPUDevice, R, S, G> {
 
 // Sparse updates run over groups of equal indices in parallel; within a
 // group, positions are applied in their original order. row_body(first, k,
-// lane_keys_for(i)) updates the row starting at flat element `first` with
+// block_key_for(i)) updates the row starting at flat element `first` with
 // gradient row k.
 template <typename RowBody>
 void ParallelRowGroups(const CPUDevice& d, int64_t num_groups, int64_t row_size,
@@ -231,22 +234,22 @@ void ParallelRowGroups(const CPUDevice& d, int64_t num_groups, int64_t row_size,
                 run);
 }
 
-// Calls element(i, j, lane_keys) for the row's elements i = first + j, with
-// the lane keys of i's 2^32-element block (computed once per row unless the
+// Calls element(i, j, block_key) for the row's elements i = first + j, with
+// the block key of i's 2^32-element block (computed once per row unless the
 // row straddles a block boundary).
 template <typename Element>
-void ForRowElements(int64_t first, int64_t row_size, const tf_bf16::LaneKeys& keys,
+void ForRowElements(int64_t first, int64_t row_size, tf_bf16::RandomKey stream_key,
                     const Element& element) {
   if (row_size <= 0) return;
   const uint64_t high_first = static_cast<uint64_t>(first) >> 32;
   const uint64_t high_last = static_cast<uint64_t>(first + row_size - 1) >> 32;
   if (high_first == high_last) {
-    const tf_bf16::LaneKeys k = keys.ForBlock(static_cast<uint32_t>(high_first));
+    const tf_bf16::RandomKey k = stream_key.ForBlock(static_cast<uint32_t>(high_first));
     for (int64_t j = 0; j < row_size; ++j) element(first + j, j, k);
   } else {
     for (int64_t j = 0; j < row_size; ++j) {
       const int64_t i = first + j;
-      element(i, j, keys.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32)));
+      element(i, j, stream_key.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32)));
     }
   }
 }
@@ -255,7 +258,7 @@ template <Rounding R, typename S, typename G>
 struct Bf16SparseApplySgd<CPUDevice, R, S, G> {
   absl::Status operator()(const CPUDevice& d, S* var, S* accum, uint16_t* compensation,
                           const G* grad, const SparseIndexGroups& groups, int64_t row_size,
-                          const tf_bf16::SgdScalars& p, const tf_bf16::LaneKeys& keys) {
+                          const tf_bf16::SgdScalars& p, tf_bf16::RandomKey stream_key) {
     auto run = [&](auto use_momentum) {
       constexpr bool kUseMomentum = decltype(use_momentum)::value;
       ParallelRowGroups(d, groups.num_groups, row_size, 3 * sizeof(S), [&](int64_t group) {
@@ -265,11 +268,12 @@ struct Bf16SparseApplySgd<CPUDevice, R, S, G> {
              ++pos) {
           const int64_t k = groups.order[pos];
           const G* g = grad + k * row_size;
-          ForRowElements(first, row_size, keys,
-                         [&](int64_t i, int64_t j, const tf_bf16::LaneKeys& lane_keys) {
+          ForRowElements(first, row_size, stream_key,
+                         [&](int64_t i, int64_t j, tf_bf16::RandomKey block_key) {
                            tf_bf16::SgdElement<R, kUseMomentum>(
-                               var, accum, compensation, tf_bf16::Load(g[j]), i,
-                               static_cast<uint32_t>(i), sp, lane_keys);
+                               var, accum, compensation, tf_bf16::Load(g[j]), i, sp,
+                               tf_bf16::ElementBits::Of(block_key.value,
+                                                        static_cast<uint32_t>(i)));
                          });
         }
       });
@@ -288,7 +292,7 @@ struct Bf16SparseApplyAdam<CPUDevice, R, S, G> {
   absl::Status operator()(const CPUDevice& d, S* var, S* m, S* v, S* vhat,
                           uint16_t* compensation, const G* grad,
                           const SparseIndexGroups& groups, int64_t row_size,
-                          const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
+                          const tf_bf16::AdamScalars& p, tf_bf16::RandomKey stream_key) {
     auto run = [&](auto amsgrad) {
       constexpr bool kAmsgrad = decltype(amsgrad)::value;
       ParallelRowGroups(d, groups.num_groups, row_size, 4 * sizeof(S), [&](int64_t group) {
@@ -298,12 +302,12 @@ struct Bf16SparseApplyAdam<CPUDevice, R, S, G> {
              ++pos) {
           const int64_t k = groups.order[pos];
           const G* g = grad + k * row_size;
-          ForRowElements(first, row_size, keys,
-                         [&](int64_t i, int64_t j, const tf_bf16::LaneKeys& lane_keys) {
-                           tf_bf16::AdamElement<R, kAmsgrad>(var, m, v, vhat, compensation,
-                                                             tf_bf16::Load(g[j]), i,
-                                                             static_cast<uint32_t>(i), sp,
-                                                             lane_keys);
+          ForRowElements(first, row_size, stream_key,
+                         [&](int64_t i, int64_t j, tf_bf16::RandomKey block_key) {
+                           tf_bf16::AdamElement<R, kAmsgrad>(
+                               var, m, v, vhat, compensation, tf_bf16::Load(g[j]), i, sp,
+                               tf_bf16::ElementBits::Of(block_key.value,
+                                                        static_cast<uint32_t>(i)));
                          });
         }
       });
@@ -373,7 +377,7 @@ using bf16_ops::CompensationPtr;
 using bf16_ops::DispatchRounding;
 using bf16_ops::LockedVariables;
 using bf16_ops::ParseRounding;
-using bf16_ops::ReadStreamKeys;
+using bf16_ops::ReadStreamKey;
 using bf16_ops::StorageOf;
 using bf16_ops::StoragePtr;
 
@@ -388,14 +392,14 @@ class StochasticRoundOp : public OpKernel {
   explicit StochasticRoundOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    tf_bf16::LaneKeys keys;
-    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
+    tf_bf16::RandomKey stream_key;
+    OP_REQUIRES_OK(ctx, ReadStreamKey(ctx, &stream_key));
     const Tensor& x = ctx->input(0);
     Tensor* y;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &y));
     OP_REQUIRES_OK(ctx, functor::Bf16StochasticRound<Device>()(
                             ctx->eigen_device<Device>(), x.flat<float>().data(),
-                            StoragePtr<bfloat16>(y), x.NumElements(), keys));
+                            StoragePtr<bfloat16>(y), x.NumElements(), stream_key));
   }
 };
 
@@ -407,8 +411,8 @@ class RoundedAssignAddOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
-    tf_bf16::LaneKeys keys;
-    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
+    tf_bf16::RandomKey stream_key;
+    OP_REQUIRES_OK(ctx, ReadStreamKey(ctx, &stream_key));
     const DataType dtype = DataTypeToEnum<T>::v();
     LockedVariables vars;
     int num_compensation;
@@ -430,7 +434,7 @@ class RoundedAssignAddOp : public OpKernel {
                                              typename StorageOf<T>::type,
                                              typename StorageOf<D>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")), CompensationPtr(vars),
-          StoragePtr<D>(*delta), shape.num_elements(), keys);
+          StoragePtr<D>(*delta), shape.num_elements(), stream_key);
     });
     OP_REQUIRES_OK(ctx, status);
   }
@@ -449,8 +453,8 @@ class ApplySgdOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    tf_bf16::LaneKeys keys;
-    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
+    tf_bf16::RandomKey stream_key;
+    OP_REQUIRES_OK(ctx, ReadStreamKey(ctx, &stream_key));
     LockedVariables vars;
     int num_accum, num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -478,7 +482,7 @@ class ApplySgdOp : public OpKernel {
                                      typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           accum ? StoragePtr<T>(accum) : nullptr, CompensationPtr(vars),
-          StoragePtr<G>(*grad), shape.num_elements(), p, keys);
+          StoragePtr<G>(*grad), shape.num_elements(), p, stream_key);
     });
     OP_REQUIRES_OK(ctx, status);
   }
@@ -497,8 +501,8 @@ class ApplyAdamOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    tf_bf16::LaneKeys keys;
-    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
+    tf_bf16::RandomKey stream_key;
+    OP_REQUIRES_OK(ctx, ReadStreamKey(ctx, &stream_key));
     LockedVariables vars;
     int num_vhat, num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -531,7 +535,7 @@ class ApplyAdamOp : public OpKernel {
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), StoragePtr<T>(vars.Get("v")),
           vhat ? StoragePtr<T>(vhat) : nullptr, CompensationPtr(vars),
-          StoragePtr<G>(*grad), shape.num_elements(), p, keys);
+          StoragePtr<G>(*grad), shape.num_elements(), p, stream_key);
     });
     OP_REQUIRES_OK(ctx, status);
   }
@@ -549,8 +553,8 @@ class ApplyLionOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    tf_bf16::LaneKeys keys;
-    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
+    tf_bf16::RandomKey stream_key;
+    OP_REQUIRES_OK(ctx, ReadStreamKey(ctx, &stream_key));
     LockedVariables vars;
     int num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -575,7 +579,7 @@ class ApplyLionOp : public OpKernel {
                                       typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), CompensationPtr(vars), StoragePtr<G>(*grad),
-          shape.num_elements(), p, keys);
+          shape.num_elements(), p, stream_key);
     });
     OP_REQUIRES_OK(ctx, status);
   }
@@ -597,8 +601,8 @@ class SparseApplySgdOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    tf_bf16::LaneKeys keys;
-    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
+    tf_bf16::RandomKey stream_key;
+    OP_REQUIRES_OK(ctx, ReadStreamKey(ctx, &stream_key));
     LockedVariables vars;
     int num_accum, num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -634,7 +638,7 @@ class SparseApplySgdOp : public OpKernel {
                                            typename StorageOf<G>::type>()(
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           accum ? StoragePtr<T>(accum) : nullptr, CompensationPtr(vars),
-          StoragePtr<G>(*grad), groups, row_size, p, keys);
+          StoragePtr<G>(*grad), groups, row_size, p, stream_key);
     });
     OP_REQUIRES_OK(ctx, status);
   }
@@ -653,8 +657,8 @@ class SparseApplyAdamOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const DataType dtype = DataTypeToEnum<T>::v();
-    tf_bf16::LaneKeys keys;
-    OP_REQUIRES_OK(ctx, ReadStreamKeys(ctx, &keys));
+    tf_bf16::RandomKey stream_key;
+    OP_REQUIRES_OK(ctx, ReadStreamKey(ctx, &stream_key));
     LockedVariables vars;
     int num_vhat, num_compensation;
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
@@ -695,7 +699,7 @@ class SparseApplyAdamOp : public OpKernel {
           ctx->eigen_device<Device>(), StoragePtr<T>(vars.Get("var")),
           StoragePtr<T>(vars.Get("m")), StoragePtr<T>(vars.Get("v")),
           vhat ? StoragePtr<T>(vhat) : nullptr, CompensationPtr(vars),
-          StoragePtr<G>(*grad), groups, row_size, p, keys);
+          StoragePtr<G>(*grad), groups, row_size, p, stream_key);
     });
     OP_REQUIRES_OK(ctx, status);
   }
@@ -854,7 +858,7 @@ DECLARE_GPU_TYPES(Rounding::kKahan)
 template <>
 absl::Status Bf16StochasticRound<GPUDevice>::operator()(const GPUDevice& d, const float* x,
                                                         uint16_t* y, int64_t n,
-                                                        const tf_bf16::LaneKeys& keys);
+                                                        tf_bf16::RandomKey stream_key);
 template <>
 absl::Status Bf16CopyBytes<GPUDevice>::operator()(const GPUDevice& d, void* dst,
                                                   const void* src, int64_t bytes);

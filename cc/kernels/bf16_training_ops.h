@@ -22,41 +22,41 @@ namespace functor {
 //
 // Pointers address a variable's storage on the functor's device: float for
 // float32 tensors, raw uint16_t bit patterns for bfloat16 ones. Optional
-// tensors (accum, compensation, vhat) are nullptr when absent. `keys` are the
-// call's stream keys (tf_bf16::MakeStreamKeys); the functors derive the block
-// keys of each 2^32-element block themselves.
+// tensors (accum, compensation, vhat) are nullptr when absent. `stream_key` is
+// the call's stream key (tf_bf16::MakeStreamKey); the functors derive the block
+// key of each 2^32-element block themselves.
 
 template <typename Device>
 struct Bf16StochasticRound {
   absl::Status operator()(const Device& d, const float* x, uint16_t* y, int64_t n,
-                  const tf_bf16::LaneKeys& keys);
+                  tf_bf16::RandomKey stream_key);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename D>
 struct Bf16RoundedAssignAdd {
   absl::Status operator()(const Device& d, S* var, uint16_t* compensation, const D* delta,
-                  int64_t n, const tf_bf16::LaneKeys& keys);
+                  int64_t n, tf_bf16::RandomKey stream_key);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16ApplySgd {
   absl::Status operator()(const Device& d, S* var, S* accum, uint16_t* compensation,
                   const G* grad, int64_t n, const tf_bf16::SgdScalars& scalars,
-                  const tf_bf16::LaneKeys& keys);
+                  tf_bf16::RandomKey stream_key);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16ApplyAdam {
   absl::Status operator()(const Device& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
                   const G* grad, int64_t n, const tf_bf16::AdamScalars& scalars,
-                  const tf_bf16::LaneKeys& keys);
+                  tf_bf16::RandomKey stream_key);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16ApplyLion {
   absl::Status operator()(const Device& d, S* var, S* m, uint16_t* compensation, const G* grad,
                   int64_t n, const tf_bf16::LionScalars& scalars,
-                  const tf_bf16::LaneKeys& keys);
+                  tf_bf16::RandomKey stream_key);
 };
 
 // Copy-on-write of a variable buffer that another tensor still shares: a copy
@@ -97,14 +97,14 @@ template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16SparseApplySgd {
   absl::Status operator()(const Device& d, S* var, S* accum, uint16_t* compensation,
                   const G* grad, const SparseIndexGroups& groups, int64_t row_size,
-                  const tf_bf16::SgdScalars& scalars, const tf_bf16::LaneKeys& keys);
+                  const tf_bf16::SgdScalars& scalars, tf_bf16::RandomKey stream_key);
 };
 
 template <typename Device, tf_bf16::Rounding R, typename S, typename G>
 struct Bf16SparseApplyAdam {
   absl::Status operator()(const Device& d, S* var, S* m, S* v, S* vhat, uint16_t* compensation,
                   const G* grad, const SparseIndexGroups& groups, int64_t row_size,
-                  const tf_bf16::AdamScalars& scalars, const tf_bf16::LaneKeys& keys);
+                  const tf_bf16::AdamScalars& scalars, tf_bf16::RandomKey stream_key);
 };
 
 }  // namespace functor

@@ -50,16 +50,16 @@ kernels::SparseGroupsView View(const SparseIndexGroups& g) {
 template <>
 absl::Status Bf16StochasticRound<GPUDevice>::operator()(const GPUDevice& d, const float* x,
                                                         uint16_t* y, int64_t n,
-                                                        const tf_bf16::LaneKeys& keys) {
-  return CudaStatus(kernels::StochasticRound(Executor(d), x, y, n, keys), "stochastic_round");
+                                                        tf_bf16::RandomKey stream_key) {
+  return CudaStatus(kernels::StochasticRound(Executor(d), x, y, n, stream_key), "stochastic_round");
 }
 
 template <Rounding R, typename S, typename D>
 struct Bf16RoundedAssignAdd<GPUDevice, R, S, D> {
   absl::Status operator()(const GPUDevice& d, S* var, uint16_t* compensation, const D* delta,
-                          int64_t n, const tf_bf16::LaneKeys& keys) {
+                          int64_t n, tf_bf16::RandomKey stream_key) {
     return CudaStatus(kernels::RoundedAssignAdd<R>(Executor(d), var, compensation, delta, n,
-                                                   keys),
+                                                   stream_key),
                       "rounded_assign_add");
   }
 };
@@ -68,9 +68,9 @@ template <Rounding R, typename S, typename G>
 struct Bf16ApplySgd<GPUDevice, R, S, G> {
   absl::Status operator()(const GPUDevice& d, S* var, S* accum, uint16_t* compensation,
                           const G* grad, int64_t n, const tf_bf16::SgdScalars& p,
-                          const tf_bf16::LaneKeys& keys) {
+                          tf_bf16::RandomKey stream_key) {
     return CudaStatus(
-        kernels::ApplySgd<R>(Executor(d), var, accum, compensation, grad, n, p, keys),
+        kernels::ApplySgd<R>(Executor(d), var, accum, compensation, grad, n, p, stream_key),
         "apply_sgd");
   }
 };
@@ -79,9 +79,9 @@ template <Rounding R, typename S, typename G>
 struct Bf16ApplyAdam<GPUDevice, R, S, G> {
   absl::Status operator()(const GPUDevice& d, S* var, S* m, S* v, S* vhat,
                           uint16_t* compensation, const G* grad, int64_t n,
-                          const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
+                          const tf_bf16::AdamScalars& p, tf_bf16::RandomKey stream_key) {
     return CudaStatus(
-        kernels::ApplyAdam<R>(Executor(d), var, m, v, vhat, compensation, grad, n, p, keys),
+        kernels::ApplyAdam<R>(Executor(d), var, m, v, vhat, compensation, grad, n, p, stream_key),
         "apply_adam");
   }
 };
@@ -90,8 +90,8 @@ template <Rounding R, typename S, typename G>
 struct Bf16ApplyLion<GPUDevice, R, S, G> {
   absl::Status operator()(const GPUDevice& d, S* var, S* m, uint16_t* compensation,
                           const G* grad, int64_t n, const tf_bf16::LionScalars& p,
-                          const tf_bf16::LaneKeys& keys) {
-    return CudaStatus(kernels::ApplyLion<R>(Executor(d), var, m, compensation, grad, n, p, keys),
+                          tf_bf16::RandomKey stream_key) {
+    return CudaStatus(kernels::ApplyLion<R>(Executor(d), var, m, compensation, grad, n, p, stream_key),
                       "apply_lion");
   }
 };
@@ -145,9 +145,9 @@ template <Rounding R, typename S, typename G>
 struct Bf16SparseApplySgd<GPUDevice, R, S, G> {
   absl::Status operator()(const GPUDevice& d, S* var, S* accum, uint16_t* compensation,
                           const G* grad, const SparseIndexGroups& groups, int64_t row_size,
-                          const tf_bf16::SgdScalars& p, const tf_bf16::LaneKeys& keys) {
+                          const tf_bf16::SgdScalars& p, tf_bf16::RandomKey stream_key) {
     return CudaStatus(kernels::SparseApplySgd<R>(Executor(d), var, accum, compensation, grad,
-                                                 View(groups), row_size, p, keys),
+                                                 View(groups), row_size, p, stream_key),
                       "sparse apply_sgd");
   }
 };
@@ -157,9 +157,9 @@ struct Bf16SparseApplyAdam<GPUDevice, R, S, G> {
   absl::Status operator()(const GPUDevice& d, S* var, S* m, S* v, S* vhat,
                           uint16_t* compensation, const G* grad,
                           const SparseIndexGroups& groups, int64_t row_size,
-                          const tf_bf16::AdamScalars& p, const tf_bf16::LaneKeys& keys) {
+                          const tf_bf16::AdamScalars& p, tf_bf16::RandomKey stream_key) {
     return CudaStatus(kernels::SparseApplyAdam<R>(Executor(d), var, m, v, vhat, compensation,
-                                                  grad, View(groups), row_size, p, keys),
+                                                  grad, View(groups), row_size, p, stream_key),
                       "sparse apply_adam");
   }
 };

@@ -179,7 +179,7 @@ absl::Status CheckCompensationCount(Rounding rounding, DataType dtype, int count
 }
 
 // The resource variables an update reads and writes, in the order the element
-// math takes them: var, its slots in lane order, then the compensation.
+// math takes them: var, its slots in input order, then the compensation.
 class Variables {
  public:
   Variables(const XlaOpKernel& kernel, XlaOpKernelContext* ctx) : kernel_(kernel), ctx_(ctx) {}
@@ -330,8 +330,8 @@ absl::Status DenseUpdate(XlaOpKernelContext* ctx, Variables& vars, const Update&
   } else {
     index = SplitIndex(h, xla::Iota(b, xla::U64, n), true);
   }
-  const Batch batch{h, u.dtype == DT_BFLOAT16, u.rounding, h.StreamKeys(u.seed, u.step, u.var_id),
-                    index};
+  const Batch batch = Batch::Make(h, u.dtype == DT_BFLOAT16, u.rounding,
+                                  h.StreamKey(u.seed, u.step, u.var_id), index);
   std::vector<XlaOp> updated =
       math(batch, bits, LoadGradient(h, u.grad, u.grad_dtype, n), u.scalars);
   if (u.valid.valid()) {
@@ -403,9 +403,9 @@ absl::Status SparseUpdate(XlaOpKernelContext* ctx, Variables& vars, const Update
 
   // Loop-carried values: everything the body reads (a while body cannot
   // refer to values outside it).
-  enum { kRound, kMaxRank, kValid, kRow, kRank, kGrad, kKeys, kFixed };
+  enum { kRound, kMaxRank, kValid, kRow, kRank, kGrad, kKeys, kFixed };  // kKeys: the stream key
   std::vector<XlaOp> init = {xla::ConstantR0<int32_t>(b, 0), max_rank, valid, row, rank, grad_bits,
-                             h.StreamKeys(u.seed, u.step, u.var_id)};
+                             h.StreamKey(u.seed, u.step, u.var_id)};
   init.insert(init.end(), u.scalars.begin(), u.scalars.end());
   const size_t first_state = init.size();
   init.insert(init.end(), state.begin(), state.end());
@@ -423,8 +423,9 @@ absl::Status SparseUpdate(XlaOpKernelContext* ctx, Variables& vars, const Update
         xla::Mul(xla::BroadcastInDim(rows_u64, {num_indices, row_size}, {0}),
                  xla::ConstantR0<uint64_t>(bb, static_cast<uint64_t>(row_size))),
         xla::Iota(bb, xla::ShapeUtil::MakeShape(xla::U64, {num_indices, row_size}), 1));
-    const Batch batch{hb, u.dtype == DT_BFLOAT16, u.rounding, values[kKeys],
-                      SplitIndex(hb, xla::Reshape(flat, {batch_elements}), n > kTwoTo32)};
+    const Batch batch =
+        Batch::Make(hb, u.dtype == DT_BFLOAT16, u.rounding, values[kKeys],
+                    SplitIndex(hb, xla::Reshape(flat, {batch_elements}), n > kTwoTo32));
     const Value g = u.grad_dtype == DT_BFLOAT16 ? hb.LoadBf16(values[kGrad])
                                                 : Hlo::LoadF32(values[kGrad]);
     std::vector<XlaOp> old_rows;
@@ -572,9 +573,9 @@ class XlaStochasticRoundOp : public XlaOpKernel {
     } else {
       index = SplitIndex(h, xla::Iota(b, xla::U64, n), true);
     }
-    XlaOp keys = h.StreamKeys(stream->seed, stream->step, stream->var_id);
+    XlaOp hash = h.ElementHash(h.StreamKey(stream->seed, stream->step, stream->var_id), index);
     const Value x = Hlo::LoadF32(xla::Reshape(Hlo::Bits(ctx->Input("x")), {n}));
-    XlaOp y = h.RoundStochasticBf16(x, h.RandomBits16(keys, tf_bf16::kWeightLane, index));
+    XlaOp y = h.RoundStochasticBf16(x, h.Draw(hash, 0));
     ctx->SetOutput(0, xla::Reshape(xla::BitcastConvertType(y, xla::BF16), shape.dim_sizes()));
   }
 };

@@ -18,7 +18,7 @@
 //    stores them back with the same widths. Elements before the end of the
 //    last full chunk of 8 go in chunks; the last n % 8 elements go one by
 //    one (the scalar tail). Chunks start at multiples of 8, so one never
-//    straddles a 2^32-element block and has one set of block keys.
+//    straddles a 2^32-element block and has one block key.
 //  - A grid-stride loop: thread t of T handles chunks t, t + T, t + 2T, ...
 //    Threads share nothing and every element is written by exactly one
 //    thread, so the results do not depend on the launch geometry.
@@ -58,6 +58,10 @@ constexpr int kThreadsPerBlock = 256;
 // Default grid: enough 256-thread blocks to fill every multiprocessor
 // (2048 resident threads each on sm_80/sm_90), then grid-stride.
 constexpr int kBlocksPerMultiprocessor = 8;
+// Chunks a thread loads before it computes (DenseThread's K): the kernels
+// have kMaxChunksPerTrip and 1; the GPU default is kDefaultChunksPerTrip.
+constexpr int kMaxChunksPerTrip = 2;
+constexpr int kDefaultChunksPerTrip = 2;
 
 template <typename T>
 TF_BF16_HOST_DEVICE T Min(T a, T b) {
@@ -74,9 +78,21 @@ constexpr Rounding EffectiveRounding() {
 // ---------------------------------------------------------------------------
 // Chunk loads and stores: V = 1 (one element) or V = kVectorWidth.
 
+// Every tensor is read once and written once per update: device loads and
+// stores are marked streaming (ld.global.cs / st.global.cs: evict first), so
+// that they do not displace anything else from the caches.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ uint4 StreamingLoad(const void* p) {
+  return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+__device__ __forceinline__ void StreamingStore(void* p, uint4 x) {
+  __stcs(reinterpret_cast<uint4*>(p), x);
+}
+#endif
+
 TF_BF16_HOST_DEVICE void VectorLoad(const uint16_t* p, uint16_t (&out)[8]) {
 #if defined(__CUDA_ARCH__)
-  const uint4 x = *reinterpret_cast<const uint4*>(p);
+  const uint4 x = StreamingLoad(p);
   const uint32_t words[4] = {x.x, x.y, x.z, x.w};
   TF_BF16_UNROLL
   for (int k = 0; k < 4; ++k) {
@@ -95,7 +111,7 @@ TF_BF16_HOST_DEVICE void VectorStore(uint16_t* p, const uint16_t (&in)[8]) {
   for (int k = 0; k < 4; ++k) {
     words[k] = static_cast<uint32_t>(in[2 * k]) | (static_cast<uint32_t>(in[2 * k + 1]) << 16);
   }
-  *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
+  StreamingStore(p, make_uint4(words[0], words[1], words[2], words[3]));
 #else
   std::memcpy(p, in, sizeof(in));
 #endif
@@ -103,8 +119,8 @@ TF_BF16_HOST_DEVICE void VectorStore(uint16_t* p, const uint16_t (&in)[8]) {
 
 TF_BF16_HOST_DEVICE void VectorLoad(const float* p, float (&out)[8]) {
 #if defined(__CUDA_ARCH__)
-  const float4 a = reinterpret_cast<const float4*>(p)[0];
-  const float4 b = reinterpret_cast<const float4*>(p)[1];
+  const float4 a = __ldcs(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldcs(reinterpret_cast<const float4*>(p) + 1);
   out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
   out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
 #else
@@ -114,8 +130,8 @@ TF_BF16_HOST_DEVICE void VectorLoad(const float* p, float (&out)[8]) {
 
 TF_BF16_HOST_DEVICE void VectorStore(float* p, const float (&in)[8]) {
 #if defined(__CUDA_ARCH__)
-  reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
-  reinterpret_cast<float4*>(p)[1] = make_float4(in[4], in[5], in[6], in[7]);
+  __stcs(reinterpret_cast<float4*>(p), make_float4(in[0], in[1], in[2], in[3]));
+  __stcs(reinterpret_cast<float4*>(p) + 1, make_float4(in[4], in[5], in[6], in[7]));
 #else
   std::memcpy(p, in, sizeof(in));
 #endif
@@ -164,6 +180,15 @@ TF_BF16_HOST_DEVICE Scalars WithMasks(Scalars p) {
   return p;
 }
 
+// The random bits of element j of a chunk: `mixed` is ChunkMixed of the
+// chunk's first index (ElementBits::FromMixed says why one xor suffices).
+TF_BF16_HOST_DEVICE uint32_t ChunkMixed(RandomKey block, uint32_t lo) {
+  return ElementBits::FirstStep(lo ^ block.value);
+}
+TF_BF16_HOST_DEVICE ElementBits ChunkElementBits(uint32_t mixed, int j) {
+  return ElementBits::FromMixed(mixed ^ static_cast<uint32_t>(j));
+}
+
 // ---------------------------------------------------------------------------
 // Updates. Each holds an op's tensors and scalars and says, for a chunk of V
 // elements starting at flat index i: which state it loads into registers
@@ -171,13 +196,14 @@ TF_BF16_HOST_DEVICE Scalars WithMasks(Scalars p) {
 // functions of bf16_update_math.h applied in order), and what it stores
 // (Store). `grad` is the tensor read at the gradient's positions (x for
 // stochastic_round, delta for rounded_assign_add). `lo` is the low 32 bits of
-// the chunk's first flat index, `keys` the block keys of its 2^32 block.
+// the chunk's first flat index (a multiple of V), `block` the block key of its
+// 2^32 block.
 
 struct StochasticRoundUpdate {
   using Grad = float;
   const float* grad;  // x
   uint16_t* y;
-  LaneKeys stream_keys;
+  RandomKey stream_key;
 
   template <int V>
   struct State {
@@ -187,10 +213,11 @@ struct StochasticRoundUpdate {
   TF_BF16_HOST_DEVICE void Load(int64_t, State<V>&) const {}
   template <int V>
   TF_BF16_HOST_DEVICE void Step(State<V>& s, const float (&x)[V], uint32_t lo,
-                                const LaneKeys& keys) const {
+                                RandomKey block) const {
+    const uint32_t mixed = ChunkMixed(block, lo);
     TF_BF16_UNROLL
     for (int j = 0; j < V; ++j) {
-      s.y[j] = RoundStochasticToBf16(x[j], RandomBits16(keys.weight, lo + j));
+      s.y[j] = RoundStochasticToBf16(x[j], ChunkElementBits(mixed, j).Draw(0));
     }
   }
   template <int V>
@@ -206,7 +233,7 @@ struct AssignAddUpdate {
   S* var;
   uint16_t* compensation;
   const D* grad;  // delta
-  LaneKeys stream_keys;
+  RandomKey stream_key;
 
   template <int V>
   struct State {
@@ -220,10 +247,11 @@ struct AssignAddUpdate {
   }
   template <int V>
   TF_BF16_HOST_DEVICE void Step(State<V>& s, const D (&delta)[V], uint32_t lo,
-                                const LaneKeys& keys) const {
+                                RandomKey block) const {
+    const uint32_t mixed = ChunkMixed(block, lo);
     TF_BF16_UNROLL
     for (int j = 0; j < V; ++j) {
-      AssignAddElement<R>(s.w, s.c, tf_bf16::Load(delta[j]), j, lo + j, keys);
+      AssignAddElement<R>(s.w, s.c, tf_bf16::Load(delta[j]), j, ChunkElementBits(mixed, j));
     }
   }
   template <int V>
@@ -243,7 +271,7 @@ struct SgdUpdate {
   uint16_t* compensation;
   const G* grad;
   SgdScalars scalars;
-  LaneKeys stream_keys;
+  RandomKey stream_key;
 
   template <int V>
   struct State {
@@ -259,11 +287,13 @@ struct SgdUpdate {
   }
   template <int V>
   TF_BF16_HOST_DEVICE void Step(State<V>& s, const G (&g)[V], uint32_t lo,
-                                const LaneKeys& keys) const {
+                                RandomKey block) const {
     const SgdScalars p = WithMasks<kConstantMasks, kNesterov, kDecay>(scalars);
+    const uint32_t mixed = ChunkMixed(block, lo);
     TF_BF16_UNROLL
     for (int j = 0; j < V; ++j) {
-      SgdElement<R, kMomentum>(s.w, s.a, s.c, tf_bf16::Load(g[j]), j, lo + j, p, keys);
+      SgdElement<R, kMomentum>(s.w, s.a, s.c, tf_bf16::Load(g[j]), j, p,
+                               ChunkElementBits(mixed, j));
     }
   }
   template <int V>
@@ -285,7 +315,7 @@ struct AdamUpdate {
   uint16_t* compensation;
   const G* grad;
   AdamScalars scalars;
-  LaneKeys stream_keys;
+  RandomKey stream_key;
 
   template <int V>
   struct State {
@@ -305,12 +335,13 @@ struct AdamUpdate {
   }
   template <int V>
   TF_BF16_HOST_DEVICE void Step(State<V>& s, const G (&g)[V], uint32_t lo,
-                                const LaneKeys& keys) const {
+                                RandomKey block) const {
     const AdamScalars p = WithMasks<kConstantMasks, false, kDecay>(scalars);
+    const uint32_t mixed = ChunkMixed(block, lo);
     TF_BF16_UNROLL
     for (int j = 0; j < V; ++j) {
-      AdamElement<R, kAmsgrad>(s.w, s.m, s.v, s.vhat, s.c, tf_bf16::Load(g[j]), j, lo + j, p,
-                               keys);
+      AdamElement<R, kAmsgrad>(s.w, s.m, s.v, s.vhat, s.c, tf_bf16::Load(g[j]), j, p,
+                               ChunkElementBits(mixed, j));
     }
   }
   template <int V>
@@ -332,7 +363,7 @@ struct LionUpdate {
   uint16_t* compensation;
   const G* grad;
   LionScalars scalars;
-  LaneKeys stream_keys;
+  RandomKey stream_key;
 
   template <int V>
   struct State {
@@ -348,11 +379,12 @@ struct LionUpdate {
   }
   template <int V>
   TF_BF16_HOST_DEVICE void Step(State<V>& s, const G (&g)[V], uint32_t lo,
-                                const LaneKeys& keys) const {
+                                RandomKey block) const {
     const LionScalars p = WithMasks<kConstantMasks, false, kDecay>(scalars);
+    const uint32_t mixed = ChunkMixed(block, lo);
     TF_BF16_UNROLL
     for (int j = 0; j < V; ++j) {
-      LionElement<R>(s.w, s.m, s.c, tf_bf16::Load(g[j]), j, lo + j, p, keys);
+      LionElement<R>(s.w, s.m, s.c, tf_bf16::Load(g[j]), j, p, ChunkElementBits(mixed, j));
     }
   }
   template <int V>
@@ -366,38 +398,61 @@ struct LionUpdate {
 // ---------------------------------------------------------------------------
 // The work of one thread.
 
-// One chunk of a dense update: load the state, step with the gradient at the
-// same flat indices, store.
-template <int V, typename U>
-TF_BF16_HOST_DEVICE void DenseChunk(const U& u, int64_t i, const LaneKeys& keys) {
-  typename U::template State<V> s;
-  u.template Load<V>(i, s);
-  typename U::Grad g[V];
-  LoadChunk<V>(u.grad + i, g);
-  u.template Step<V>(s, g, static_cast<uint32_t>(i), keys);
-  u.template Store<V>(i, s);
+// K chunks of a dense update, starting at flat indices first[0..K): load the
+// state and gradient of all K (so that K loads of every tensor are in flight
+// at once), then step and store each.
+template <int V, int K, typename U>
+TF_BF16_HOST_DEVICE void DenseChunks(const U& u, const int64_t (&first)[K], RandomKey block) {
+  typename U::template State<V> s[K];
+  typename U::Grad g[K][V];
+  TF_BF16_UNROLL
+  for (int k = 0; k < K; ++k) {
+    u.template Load<V>(first[k], s[k]);
+    LoadChunk<V>(u.grad + first[k], g[k]);
+  }
+  TF_BF16_UNROLL
+  for (int k = 0; k < K; ++k) {
+    u.template Step<V>(s[k], g[k], static_cast<uint32_t>(first[k]), block);
+    u.template Store<V>(first[k], s[k]);
+  }
 }
 
 // Thread `thread` of `threads` updates its share of the flat indices
 // [begin, end) (begin a multiple of V; the kernels use [0, n)): for each
-// 2^32-element block, the block keys once, then every threads-th chunk of V
-// elements, then every threads-th element of the tail of fewer than V.
-template <int V, typename U>
+// 2^32-element block, the block key once, then every threads-th chunk of V
+// elements (K of them per trip: chunks c, c + threads, ..., c + (K - 1) *
+// threads, then the next K; fewer on the last trip), then every threads-th
+// element of the tail of fewer than V. K changes only how many loads are in
+// flight, never which thread writes an element.
+template <int V, int K, typename U>
 TF_BF16_HOST_DEVICE void DenseThread(const U& u, int64_t begin, int64_t end, uint64_t thread,
                                      uint64_t threads) {
   for (int64_t block_first = begin; block_first < end;) {
     const uint64_t high = static_cast<uint64_t>(block_first) >> 32;
     const int64_t block_end = Min(end, static_cast<int64_t>((high + 1) << 32));
-    const LaneKeys keys = u.stream_keys.ForBlock(static_cast<uint32_t>(high));
+    const RandomKey block = u.stream_key.ForBlock(static_cast<uint32_t>(high));
     const uint64_t chunks = static_cast<uint64_t>(block_end - block_first) / V;
-    for (uint64_t c = thread; c < chunks; c += threads) {
-      DenseChunk<V>(u, block_first + static_cast<int64_t>(c * V), keys);
+    uint64_t c = thread;
+    if constexpr (K > 1) {
+      for (; c + (K - 1) * threads < chunks; c += K * threads) {
+        int64_t first[K];
+        TF_BF16_UNROLL
+        for (int k = 0; k < K; ++k) {
+          first[k] = block_first + static_cast<int64_t>((c + k * threads) * V);
+        }
+        DenseChunks<V, K>(u, first, block);
+      }
+    }
+    for (; c < chunks; c += threads) {
+      const int64_t first[1] = {block_first + static_cast<int64_t>(c * V)};
+      DenseChunks<V, 1>(u, first, block);
     }
     if constexpr (V > 1) {
       const int64_t tail_first = block_first + static_cast<int64_t>(chunks * V);
       for (int64_t i = tail_first + static_cast<int64_t>(thread); i < block_end;
            i += static_cast<int64_t>(threads)) {
-        DenseChunk<1>(u, i, keys);
+        const int64_t first[1] = {i};
+        DenseChunks<1, 1>(u, first, block);
       }
     }
     block_first = block_end;
@@ -428,14 +483,14 @@ TF_BF16_HOST_DEVICE void SparseThread(const U& u, const SparseGroupsView& groups
     const uint64_t group = item / chunks_per_row;
     const int64_t column = static_cast<int64_t>((item - group * chunks_per_row) * V);
     const int64_t first = groups.group_rows[group] * row_size + column;
-    const LaneKeys keys =
-        u.stream_keys.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32));
+    const RandomKey block =
+        u.stream_key.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32));
     typename U::template State<V> s;
     u.template Load<V>(first, s);
     for (int64_t pos = groups.group_starts[group]; pos < groups.group_starts[group + 1]; ++pos) {
       typename U::Grad g[V];
       LoadChunk<V>(u.grad + groups.order[pos] * row_size + column, g);
-      u.template Step<V>(s, g, static_cast<uint32_t>(first), keys);
+      u.template Step<V>(s, g, static_cast<uint32_t>(first), block);
     }
     u.template Store<V>(first, s);
   }
@@ -456,6 +511,7 @@ struct HostEmulator {
   // the launchers are then the variable's base, address of element 0), so
   // that a test can cross a 2^32-element block without 2^32 elements.
   int64_t first_index = 0;
+  int chunks_per_trip = 1;     // 1 or kMaxChunksPerTrip (DenseThread's K)
 
   bool Vectorize(bool aligned) const { return aligned && allow_vector; }
 
@@ -465,7 +521,15 @@ struct HostEmulator {
   }
   template <int V, typename U>
   Status Dense(const U& u, int64_t n) const {
-    ForThreads([&](uint64_t t) { DenseThread<V>(u, first_index, first_index + n, t, threads); });
+    ForThreads([&](uint64_t t) {
+      if constexpr (V > 1) {
+        if (chunks_per_trip > 1) {
+          DenseThread<V, kMaxChunksPerTrip>(u, first_index, first_index + n, t, threads);
+          return;
+        }
+      }
+      DenseThread<V, 1>(u, first_index, first_index + n, t, threads);
+    });
     return V;
   }
   template <int V, typename U>
@@ -477,10 +541,10 @@ struct HostEmulator {
 
 #if defined(__CUDACC__)
 
-template <int V, typename U>
+template <int V, int K, typename U>
 __global__ void __launch_bounds__(kThreadsPerBlock) DenseKernel(const U u, int64_t n) {
-  DenseThread<V>(u, 0, n, static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
-                 static_cast<uint64_t>(gridDim.x) * blockDim.x);
+  DenseThread<V, K>(u, 0, n, static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                    static_cast<uint64_t>(gridDim.x) * blockDim.x);
 }
 
 template <int V, typename U>
@@ -496,6 +560,7 @@ struct GpuExecutor {
   cudaStream_t stream;
   int multiprocessors;  // of the device the stream belongs to
   int max_blocks = 0;   // grid size cap; 0: multiprocessors * kBlocksPerMultiprocessor
+  int chunks_per_trip = kDefaultChunksPerTrip;  // DenseThread's K: 1 or kMaxChunksPerTrip
 
   bool Vectorize(bool aligned) const { return aligned; }
 
@@ -509,10 +574,19 @@ struct GpuExecutor {
   template <int V, typename U>
   Status Dense(const U& u, int64_t n) const {
     if (n <= 0) return cudaSuccess;
-    // Threads with work: one per chunk, or one per element of a lone tail.
+    // Threads with work: one per trip of K chunks, or one per element of a
+    // lone tail.
     const uint64_t chunks = static_cast<uint64_t>(n) / V;
+    if constexpr (V > 1) {
+      if (chunks_per_trip > 1 && chunks > 0) {
+        const uint64_t trips = (chunks + kMaxChunksPerTrip - 1) / kMaxChunksPerTrip;
+        DenseKernel<V, kMaxChunksPerTrip, U>
+            <<<Blocks(trips), kThreadsPerBlock, 0, stream>>>(u, n);
+        return cudaGetLastError();
+      }
+    }
     const uint64_t work = chunks > 0 ? chunks : static_cast<uint64_t>(n);
-    DenseKernel<V, U><<<Blocks(work), kThreadsPerBlock, 0, stream>>>(u, n);
+    DenseKernel<V, 1, U><<<Blocks(work), kThreadsPerBlock, 0, stream>>>(u, n);
     return cudaGetLastError();
   }
   template <int V, typename U>
@@ -539,17 +613,17 @@ auto WithBool(bool flag, const Fn& fn) {
 
 template <typename Executor>
 typename Executor::Status StochasticRound(const Executor& ex, const float* x, uint16_t* y,
-                                          int64_t n, const LaneKeys& keys) {
-  const StochasticRoundUpdate u{x, y, keys};
+                                          int64_t n, RandomKey stream_key) {
+  const StochasticRoundUpdate u{x, y, stream_key};
   if (ex.Vectorize(AllAligned16(x, y))) return ex.template Dense<kVectorWidth>(u, n);
   return ex.template Dense<1>(u, n);
 }
 
 template <Rounding R, typename S, typename D, typename Executor>
 typename Executor::Status RoundedAssignAdd(const Executor& ex, S* var, uint16_t* compensation,
-                                           const D* delta, int64_t n, const LaneKeys& keys) {
+                                           const D* delta, int64_t n, RandomKey stream_key) {
   constexpr Rounding kR = EffectiveRounding<R, S>();
-  const AssignAddUpdate<kR, S, D> u{var, compensation, delta, keys};
+  const AssignAddUpdate<kR, S, D> u{var, compensation, delta, stream_key};
   const bool vector =
       ex.Vectorize(AllAligned16(var, delta) && (kR != Rounding::kKahan || Aligned16(compensation)));
   if (vector) return ex.template Dense<kVectorWidth>(u, n);
@@ -559,7 +633,7 @@ typename Executor::Status RoundedAssignAdd(const Executor& ex, S* var, uint16_t*
 template <Rounding R, typename S, typename G, typename Executor>
 typename Executor::Status ApplySgd(const Executor& ex, S* var, S* accum, uint16_t* compensation,
                                    const G* grad, int64_t n, const SgdScalars& p,
-                                   const LaneKeys& keys) {
+                                   RandomKey stream_key) {
   constexpr Rounding kR = EffectiveRounding<R, S>();
   const bool vector =
       ex.Vectorize(AllAligned16(var, grad) && (accum == nullptr || Aligned16(accum)) &&
@@ -568,14 +642,14 @@ typename Executor::Status ApplySgd(const Executor& ex, S* var, S* accum, uint16_
     constexpr bool kMomentum = decltype(momentum)::value;
     if (!vector) {
       const SgdUpdate<kR, kMomentum, false, false, false, S, G> u{var, accum, compensation,
-                                                                  grad, p, keys};
+                                                                  grad, p, stream_key};
       return ex.template Dense<1>(u, n);
     }
     return WithBool(kMomentum && p.nesterov_mask != 0, [&](auto nesterov) {
       return WithBool(p.weight_decay_mask != 0, [&](auto decay) {
         const SgdUpdate<kR, kMomentum, true, decltype(nesterov)::value && kMomentum,
                         decltype(decay)::value, S, G>
-            u{var, accum, compensation, grad, p, keys};
+            u{var, accum, compensation, grad, p, stream_key};
         return ex.template Dense<kVectorWidth>(u, n);
       });
     });
@@ -585,7 +659,7 @@ typename Executor::Status ApplySgd(const Executor& ex, S* var, S* accum, uint16_
 template <Rounding R, typename S, typename G, typename Executor>
 typename Executor::Status ApplyAdam(const Executor& ex, S* var, S* m, S* v, S* vhat,
                                     uint16_t* compensation, const G* grad, int64_t n,
-                                    const AdamScalars& p, const LaneKeys& keys) {
+                                    const AdamScalars& p, RandomKey stream_key) {
   constexpr Rounding kR = EffectiveRounding<R, S>();
   const bool vector =
       ex.Vectorize(AllAligned16(var, m, v, grad) && (vhat == nullptr || Aligned16(vhat)) &&
@@ -594,12 +668,12 @@ typename Executor::Status ApplyAdam(const Executor& ex, S* var, S* m, S* v, S* v
     constexpr bool kAmsgrad = decltype(amsgrad)::value;
     if (!vector) {
       const AdamUpdate<kR, kAmsgrad, false, false, S, G> u{var, m, v, vhat, compensation,
-                                                           grad, p, keys};
+                                                           grad, p, stream_key};
       return ex.template Dense<1>(u, n);
     }
     return WithBool(p.weight_decay_mask != 0, [&](auto decay) {
       const AdamUpdate<kR, kAmsgrad, true, decltype(decay)::value, S, G> u{
-          var, m, v, vhat, compensation, grad, p, keys};
+          var, m, v, vhat, compensation, grad, p, stream_key};
       return ex.template Dense<kVectorWidth>(u, n);
     });
   });
@@ -608,17 +682,17 @@ typename Executor::Status ApplyAdam(const Executor& ex, S* var, S* m, S* v, S* v
 template <Rounding R, typename S, typename G, typename Executor>
 typename Executor::Status ApplyLion(const Executor& ex, S* var, S* m, uint16_t* compensation,
                                     const G* grad, int64_t n, const LionScalars& p,
-                                    const LaneKeys& keys) {
+                                    RandomKey stream_key) {
   constexpr Rounding kR = EffectiveRounding<R, S>();
   const bool vector = ex.Vectorize(AllAligned16(var, m, grad) &&
                                    (kR != Rounding::kKahan || Aligned16(compensation)));
   if (!vector) {
-    const LionUpdate<kR, false, false, S, G> u{var, m, compensation, grad, p, keys};
+    const LionUpdate<kR, false, false, S, G> u{var, m, compensation, grad, p, stream_key};
     return ex.template Dense<1>(u, n);
   }
   return WithBool(p.weight_decay_mask != 0, [&](auto decay) {
     const LionUpdate<kR, true, decltype(decay)::value, S, G> u{var, m, compensation, grad, p,
-                                                               keys};
+                                                               stream_key};
     return ex.template Dense<kVectorWidth>(u, n);
   });
 }
@@ -629,14 +703,14 @@ template <Rounding R, typename S, typename G, typename Executor>
 typename Executor::Status SparseApplySgd(const Executor& ex, S* var, S* accum,
                                          uint16_t* compensation, const G* grad,
                                          const SparseGroupsView& groups, int64_t row_size,
-                                         const SgdScalars& p, const LaneKeys& keys) {
+                                         const SgdScalars& p, RandomKey stream_key) {
   constexpr Rounding kR = EffectiveRounding<R, S>();
   const bool vector = ex.Vectorize(row_size % kVectorWidth == 0 && AllAligned16(var, grad) &&
                                    (accum == nullptr || Aligned16(accum)) &&
                                    (kR != Rounding::kKahan || Aligned16(compensation)));
   return WithBool(accum != nullptr, [&](auto momentum) {
     const SgdUpdate<kR, decltype(momentum)::value, false, false, false, S, G> u{
-        var, accum, compensation, grad, p, keys};
+        var, accum, compensation, grad, p, stream_key};
     if (vector) return ex.template Sparse<kVectorWidth>(u, groups, row_size);
     return ex.template Sparse<1>(u, groups, row_size);
   });
@@ -646,14 +720,14 @@ template <Rounding R, typename S, typename G, typename Executor>
 typename Executor::Status SparseApplyAdam(const Executor& ex, S* var, S* m, S* v, S* vhat,
                                           uint16_t* compensation, const G* grad,
                                           const SparseGroupsView& groups, int64_t row_size,
-                                          const AdamScalars& p, const LaneKeys& keys) {
+                                          const AdamScalars& p, RandomKey stream_key) {
   constexpr Rounding kR = EffectiveRounding<R, S>();
   const bool vector = ex.Vectorize(row_size % kVectorWidth == 0 && AllAligned16(var, m, v, grad) &&
                                    (vhat == nullptr || Aligned16(vhat)) &&
                                    (kR != Rounding::kKahan || Aligned16(compensation)));
   return WithBool(vhat != nullptr, [&](auto amsgrad) {
     const AdamUpdate<kR, decltype(amsgrad)::value, false, false, S, G> u{
-        var, m, v, vhat, compensation, grad, p, keys};
+        var, m, v, vhat, compensation, grad, p, stream_key};
     if (vector) return ex.template Sparse<kVectorWidth>(u, groups, row_size);
     return ex.template Sparse<1>(u, groups, row_size);
   });

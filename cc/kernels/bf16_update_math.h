@@ -28,15 +28,6 @@ namespace tf_bf16 {
 
 enum class Rounding : int { kNearest = 0, kStochastic = 1, kKahan = 2 };
 
-// Each tensor written by one op draws its random bits from its own lane, so
-// the weight and its optimizer slots never share bits.
-enum Lane : uint32_t {
-  kWeightLane = 0,
-  kFirstSlotLane = 1,   // SGD momentum accumulator, Adam first moment
-  kSecondSlotLane = 2,  // Adam second moment
-  kMaxSlotLane = 3,     // AMSGrad running maximum of the second moment
-};
-
 TF_BF16_HOST_DEVICE uint32_t FloatToBits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
@@ -132,8 +123,52 @@ TF_BF16_HOST_DEVICE float RoundNearestInFloatBf16Operands(float x) {
 // +-Inf exactly as rounding up past the largest bf16 does.
 TF_BF16_HOST_DEVICE uint16_t RoundStochasticToBf16(float x, uint32_t random16) {
   const uint32_t u = FloatToBits(x);
+#if defined(__CUDA_ARCH__)
+  // A float comparison (one instruction) finds the NaN; the shift of the
+  // selected 32-bit value can merge into the packing of two results.
+  return static_cast<uint16_t>((x != x ? kCanonicalNanFloat : u + random16) >> 16);
+#else
   const uint32_t rounded = (u + random16) >> 16;
   return SelectNan(u, rounded);
+#endif
+}
+
+// Roundings of results of float32 arithmetic. The kernels compute with
+// denormals flushed (FTZ on every device, docs/rounding.md 1), so such a value
+// is never subnormal, and device code can use the hardware conversion
+// cvt.rn.bf16.f32: round to nearest even, which for every normal, zero and
+// infinite input is exactly the bit formula above (a bf16 has float32's
+// exponent range, so no rounding of a normal value is subnormal), and whose
+// NaN (a NaN, of whatever pattern) is replaced by the canonical one. Values
+// loaded from tensors, which may be subnormal, use the bit formula everywhere.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ uint16_t HardwareRoundNearest(float x) {
+  unsigned short r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return r;
+}
+#endif
+
+TF_BF16_HOST_DEVICE uint16_t RoundNearestComputedToBf16(float x) {
+#if defined(__CUDA_ARCH__)
+  return x != x ? kCanonicalNanBf16 : HardwareRoundNearest(x);
+#else
+  return RoundNearestToBf16(x);
+#endif
+}
+
+// RoundNearestInFloat of a result of float32 arithmetic whose NaN, if it is
+// one, need only stay a NaN (an intermediate of the Kahan step: every stored
+// result is canonicalized later). On the host, operands are bf16-valued and
+// x86 arithmetic propagates an operand's NaN or returns 0xFFC00000, so adding
+// the rounding bias cannot carry out of a NaN's mantissa; on the device the
+// hardware conversion keeps a NaN a NaN.
+TF_BF16_HOST_DEVICE float RoundNearestComputedInFloat(float x) {
+#if defined(__CUDA_ARCH__)
+  return BitsToFloat(static_cast<uint32_t>(HardwareRoundNearest(x)) << 16);
+#else
+  return RoundNearestInFloatBf16Operands(x);
+#endif
 }
 
 // Chris Wellons' "lowbias32" integer hash: a bijection on 32 bits with two
@@ -147,12 +182,27 @@ TF_BF16_HOST_DEVICE uint32_t Mix32(uint32_t x) {
   return x;
 }
 
-constexpr uint32_t kStreamKeyInit = 0x6A09E667u;  // first 32 bits of frac(sqrt(2))
+// Mix32 without its first and last steps (x ^= x >> 16):
+// Mix32(x) = y ^ (y >> 16) with y = MixCore(x ^ (x >> 16)).
+TF_BF16_HOST_DEVICE uint32_t MixCore(uint32_t x) {
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  return x * 0x846CA68Bu;
+}
 
-// The key of one random stream: (seed, step, variable id, lane), absorbed
-// 32 bits at a time. Computed once per op call, on the host.
-TF_BF16_HOST_DEVICE uint32_t StreamKey(int64_t seed, int64_t step,
-                                       int64_t var_id, uint32_t lane) {
+constexpr uint32_t kStreamKeyInit = 0x6A09E667u;  // first 32 bits of frac(sqrt(2))
+// The stream key absorbs this word after (seed, step, var_id): version 1 of
+// the specification absorbed the lane of the tensor written (0 for the
+// weight); keeping 0 keeps draw 0 equal to version 1's weight bits.
+constexpr uint32_t kStreamKeyFinalWord = 0u;
+// Odd constant that separates an element's second hash from its first
+// (2^32 / golden ratio).
+constexpr uint32_t kSecondHashConstant = 0x9E3779B9u;
+
+// The key of one op call's random stream: (seed, step, variable id),
+// absorbed 32 bits at a time (docs/rounding.md 3.2). Computed once per call,
+// on the host.
+TF_BF16_HOST_DEVICE uint32_t StreamKey(int64_t seed, int64_t step, int64_t var_id) {
   const uint64_t words[3] = {static_cast<uint64_t>(seed),
                              static_cast<uint64_t>(step),
                              static_cast<uint64_t>(var_id)};
@@ -161,20 +211,90 @@ TF_BF16_HOST_DEVICE uint32_t StreamKey(int64_t seed, int64_t step,
     key = Mix32(key ^ static_cast<uint32_t>(words[w]));
     key = Mix32(key ^ static_cast<uint32_t>(words[w] >> 32));
   }
-  return Mix32(key ^ lane);
+  return Mix32(key ^ kStreamKeyFinalWord);
 }
 
 // Elements are hashed by their flat index within the variable. The high 32
-// bits of the index select a block key, constant over 2^32 elements. Two
-// rounds of Mix32 per element: one round over consecutive indices leaves the
-// output bytes measurably non-uniform (chi-square 480 for 255 degrees of
-// freedom over 4M elements); two rounds pass (docs/rounding.md, 3.4).
+// bits of the index select a block key, constant over 2^32 elements.
 TF_BF16_HOST_DEVICE uint32_t BlockKey(uint32_t stream_key, uint32_t index_high) {
   return Mix32(stream_key ^ index_high);
 }
 
-TF_BF16_HOST_DEVICE uint32_t RandomBits16(uint32_t block_key, uint32_t index_low) {
-  return Mix32(Mix32(index_low ^ block_key)) >> 16;
+// The random bits of one element (docs/rounding.md 3.3): one hash chain
+//   h0 = Mix32(Mix32(index_low ^ block_key)),  h1 = Mix32(h0 ^ C),
+// whose 16-bit halves are the element's draws d0 = h0 >> 16, d1 = h0 & 0xFFFF,
+// d2 = h1 >> 16, d3 = h1 & 0xFFFF. Two rounds, not one: one round over
+// consecutive indices leaves the output bytes measurably non-uniform
+// (chi-square 480 for 255 degrees of freedom over 4M elements).
+//
+// Computed without the xor-shifts that cancel: x ^= x >> 16 is an involution
+// (the second application sees the first's unchanged high half), so the last
+// step of the inner Mix32 and the first of the outer one undo each other, and
+// likewise the last step of h0 and the first of h1 (after h0 ^ C):
+//   h0 = p0 ^ (p0 >> 16) with p0 = MixCore(MixCore(S(index_low ^ block_key))),
+//   h1 = p1 ^ (p1 >> 16) with p1 = MixCore(p0 ^ C ^ (C >> 16)).
+// (S: x ^= x >> 16). d0 and d2 are then the high halves of p0 and p1. Only what a caller reads
+// is computed (the rest is dead code the compiler drops).
+struct ElementBits {
+  uint32_t p0;
+
+  // The element with flat index low half `index_low` in the 2^32-element
+  // block keyed `block_key`.
+  TF_BF16_HOST_DEVICE static ElementBits Of(uint32_t block_key, uint32_t index_low) {
+    return FromMixed(FirstStep(index_low ^ block_key));
+  }
+
+  // From FirstStep(index_low ^ block_key). For the V elements first + j of a
+  // chunk (V a power of two up to 2^16, first a multiple of V), first + j is
+  // first ^ j and FirstStep((first ^ block_key) ^ j) is
+  // FirstStep(first ^ block_key) ^ j (j has no high half): one xor each.
+  TF_BF16_HOST_DEVICE static ElementBits FromMixed(uint32_t mixed) {
+    return ElementBits{MixCore(MixCore(mixed))};
+  }
+
+  // Mix32's first step, x ^= x >> 16.
+  TF_BF16_HOST_DEVICE static uint32_t FirstStep(uint32_t x) { return x ^ (x >> 16); }
+
+  // Draw k (0..3), a uniform 16-bit integer.
+  TF_BF16_HOST_DEVICE uint32_t Draw(int k) const {
+    if (k < 2) return HalfOf(p0, k);
+    return HalfOf(MixCore(p0 ^ (kSecondHashConstant ^ (kSecondHashConstant >> 16))), k - 2);
+  }
+
+ private:
+  // The high (half 0) or low (half 1) 16 bits of p ^ (p >> 16).
+  TF_BF16_HOST_DEVICE static uint32_t HalfOf(uint32_t p, int half) {
+    return half == 0 ? p >> 16 : (p ^ (p >> 16)) & 0xFFFFu;
+  }
+};
+
+// The key of an op call's random stream (MakeStreamKey), or of one
+// 2^32-element block of its elements (ForBlock).
+struct RandomKey {
+  uint32_t value;
+
+  // The block key for elements whose flat index has high 32 bits index_high.
+  TF_BF16_HOST_DEVICE RandomKey ForBlock(uint32_t index_high) const {
+    return RandomKey{BlockKey(value, index_high)};
+  }
+};
+
+inline RandomKey MakeStreamKey(int64_t seed, int64_t step, int64_t var_id) {
+  return RandomKey{StreamKey(seed, step, var_id)};
+}
+
+// Which draw a tensor of an op call takes (docs/rounding.md 3.3): the weight
+// takes d0 when it is rounded stochastically; the optimizer slots, in input
+// order, take the draws after it (SGD: accum; Adam: m, v, vhat; Lion: m).
+#if defined(__CUDACC__)
+#define TF_BF16_CONSTEXPR_HOST_DEVICE constexpr __host__ __device__
+#else
+#define TF_BF16_CONSTEXPR_HOST_DEVICE constexpr
+#endif
+
+template <Rounding R>
+TF_BF16_CONSTEXPR_HOST_DEVICE int SlotDraw(int slot) {
+  return (R == Rounding::kStochastic ? 1 : 0) + slot;
 }
 
 // ---------------------------------------------------------------------------
@@ -185,81 +305,69 @@ TF_BF16_HOST_DEVICE uint32_t RandomBits16(uint32_t block_key, uint32_t index_low
 TF_BF16_HOST_DEVICE float Load(float x) { return x; }
 TF_BF16_HOST_DEVICE float Load(uint16_t b) { return Bf16ToFloat(b); }
 
+// `random16` is the tensor's draw; unused (and not computed) under kNearest.
 template <Rounding R>
-TF_BF16_HOST_DEVICE void StoreState(float value, float* out, uint32_t /*block_key*/,
-                                    uint32_t /*index_low*/) {
+TF_BF16_HOST_DEVICE void StoreState(float value, float* out, uint32_t /*random16*/) {
   *out = CanonicalizeNan(value);
 }
 
+// `value` is a result of float32 arithmetic (RoundNearestComputedToBf16).
 template <Rounding R>
-TF_BF16_HOST_DEVICE void StoreState(float value, uint16_t* out, uint32_t block_key,
-                                    uint32_t index_low) {
+TF_BF16_HOST_DEVICE void StoreState(float value, uint16_t* out, uint32_t random16) {
   if (R == Rounding::kNearest) {
-    *out = RoundNearestToBf16(value);
+    *out = RoundNearestComputedToBf16(value);
   } else {
-    *out = RoundStochasticToBf16(value, RandomBits16(block_key, index_low));
+    *out = RoundStochasticToBf16(value, random16);
   }
 }
 
 // The paper's Kahan-compensated add, every operation rounded to nearest bf16
 // as a 16-bit FPU would. float32 add/sub of two bf16 values followed by one
-// rounding to bf16 equals the correctly rounded bf16 result.
+// rounding to bf16 equals the correctly rounded bf16 result. kRawDelta: delta
+// is a value loaded from a tensor (rounded_assign_add), which may be
+// subnormal or any NaN; otherwise it is a result of float32 arithmetic.
+template <bool kRawDelta>
 TF_BF16_HOST_DEVICE void KahanAdd(float weight, float delta, uint16_t* weight_out,
                                   uint16_t* compensation) {
-  // delta comes from float32 arithmetic on arbitrary inputs: full NaN check.
-  // Every later operand is bf16-valued, so their NaNs have zero low bits.
+  // delta's NaN may have any low bits (a raw value, or x86 arithmetic, which
+  // propagates an operand's payload): the full check, except for a device
+  // result, which the hardware conversion handles. Every later operand is
+  // bf16-valued or such a conversion's result: a NaN there only has to stay
+  // a NaN.
+#if defined(__CUDA_ARCH__)
+  const float update = kRawDelta ? RoundNearestInFloat(delta) : RoundNearestComputedInFloat(delta);
+#else
   const float update = RoundNearestInFloat(delta);
+#endif
   const float comp = Bf16ToFloat(*compensation);
-  const float y = RoundNearestInFloatBf16Operands(update - comp);
-  const float s = RoundNearestInFloatBf16Operands(weight + y);
-  const float s_minus_w = RoundNearestInFloatBf16Operands(s - weight);
-  *compensation = RoundNearestToBf16(s_minus_w - y);
+  const float y = RoundNearestComputedInFloat(update - comp);
+  const float s = RoundNearestComputedInFloat(weight + y);
+  const float s_minus_w = RoundNearestComputedInFloat(s - weight);
+  *compensation = RoundNearestComputedToBf16(s_minus_w - y);
   const uint32_t s_bits = FloatToBits(s);
   *weight_out = SelectNan(s_bits, s_bits >> 16);  // s is bf16-valued: just truncate
 }
 
 // Commits weight + delta. float weights: exact float32 add. bf16 weights:
-// nearest, stochastic (weight lane) or Kahan with its compensation buffer.
-template <Rounding R>
+// nearest, stochastic (with the weight's draw `random16`, d0) or Kahan with
+// its compensation buffer.
+// kRawDelta: delta was loaded from a tensor, not computed (KahanAdd).
+template <Rounding R, bool kRawDelta = false>
 TF_BF16_HOST_DEVICE void CommitWeight(float weight, float delta, float* out,
-                                      uint16_t* /*compensation*/,
-                                      uint32_t /*block_key*/, uint32_t /*index_low*/) {
+                                      uint16_t* /*compensation*/, uint32_t /*random16*/) {
   *out = CanonicalizeNan(weight + delta);
 }
 
-template <Rounding R>
+template <Rounding R, bool kRawDelta = false>
 TF_BF16_HOST_DEVICE void CommitWeight(float weight, float delta, uint16_t* out,
-                                      uint16_t* compensation, uint32_t block_key,
-                                      uint32_t index_low) {
+                                      uint16_t* compensation, uint32_t random16) {
   if (R == Rounding::kKahan) {
-    KahanAdd(weight, delta, out, compensation);
+    KahanAdd<kRawDelta>(weight, delta, out, compensation);
   } else if (R == Rounding::kStochastic) {
-    *out = RoundStochasticToBf16(weight + delta, RandomBits16(block_key, index_low));
+    *out = RoundStochasticToBf16(weight + delta, random16);
   } else {
-    *out = RoundNearestToBf16(weight + delta);
+    *out = RoundNearestComputedToBf16(weight + delta);
   }
-}
-
-// One key per lane. The stream keys of a call (MakeStreamKeys) and the block
-// keys of one 2^32-element block (ForBlock) have the same shape.
-struct LaneKeys {
-  uint32_t weight;
-  uint32_t first_slot;
-  uint32_t second_slot;
-  uint32_t max_slot;
-
-  // The block keys for elements whose flat index has high 32 bits index_high.
-  TF_BF16_HOST_DEVICE LaneKeys ForBlock(uint32_t index_high) const {
-    return LaneKeys{BlockKey(weight, index_high), BlockKey(first_slot, index_high),
-                    BlockKey(second_slot, index_high), BlockKey(max_slot, index_high)};
-  }
-};
-
-inline LaneKeys MakeStreamKeys(int64_t seed, int64_t step, int64_t var_id) {
-  return LaneKeys{StreamKey(seed, step, var_id, kWeightLane),
-                  StreamKey(seed, step, var_id, kFirstSlotLane),
-                  StreamKey(seed, step, var_id, kSecondSlotLane),
-                  StreamKey(seed, step, var_id, kMaxSlotLane)};
 }
 
 // ---------------------------------------------------------------------------
@@ -312,10 +420,13 @@ TF_BF16_HOST_DEVICE float MaybeDecayedDelta(uint32_t weight_decay_mask, float de
 // vectorize.
 //
 // `i` is the element's flat index in the variable (it addresses every state
-// tensor) and `lo` its low 32 bits (which key the random bits; passed
-// separately so loops keep a 32-bit induction variable, which vectorizes);
-// `g` is its gradient, already loaded, because sparse updates read gradients
-// at other positions.
+// tensor); `bits` its random bits (ElementBits::Of(block key, low 32 bits of
+// the index): the caller computes them, so that loops keep a 32-bit induction
+// variable, which vectorizes, and chunks share work); `g` is its gradient,
+// already loaded, because sparse updates read gradients at other positions.
+// The element's draws are computed only as far as its roundings need them:
+// none under kNearest (ElementBits is then dead code), d0..d3 for
+// stochastic AMSGrad.
 
 template <Rounding R>
 TF_BF16_HOST_DEVICE uint16_t* KahanBuffer(uint16_t* compensation, int64_t i) {
@@ -324,50 +435,68 @@ TF_BF16_HOST_DEVICE uint16_t* KahanBuffer(uint16_t* compensation, int64_t i) {
 
 template <Rounding R, bool kUseMomentum, typename S>
 TF_BF16_HOST_DEVICE void SgdElement(S* var, S* accum, uint16_t* compensation, float g,
-                                    int64_t i, uint32_t lo, const SgdScalars& p,
-                                    const LaneKeys& keys) {
+                                    int64_t i, const SgdScalars& p, ElementBits bits) {
   const float w = Load(var[i]);
   float update;  // added to w
   if (kUseMomentum) {
     // Keras's formulation: the accumulator holds the rate-scaled step, so a
     // learning-rate schedule changes only the new gradient's contribution.
     const float a = Load(accum[i]) * p.momentum - g * p.lr;
-    StoreState<R>(a, &accum[i], keys.first_slot, lo);
+    StoreState<R>(a, &accum[i], bits.Draw(SlotDraw<R>(0)));
     const float nesterov_update = a * p.momentum - g * p.lr;
     update = SelectByMask(p.nesterov_mask, nesterov_update, a);
   } else {
     update = -(g * p.lr);
   }
   const float delta = MaybeDecayedDelta(p.weight_decay_mask, update, w, p.weight_decay, p.lr);
-  CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight, lo);
+  CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), bits.Draw(0));
 }
 
 // NaN-propagating maximum: a NaN second moment must not be hidden by AMSGrad.
-// A bit select, so the compiler cannot turn it into a max instruction (which
-// would drop the NaN or, under denormal flushing, a subnormal running max).
-TF_BF16_HOST_DEVICE float NanMax(float running_max, float value) {
-  return SelectByMask(MaskOf(value != value || value > running_max), value, running_max);
+// The mask of "value replaces running_max", for bit selects, so the compiler
+// cannot turn the maximum into a max instruction (which would drop the NaN
+// or, under denormal flushing, a subnormal running max).
+TF_BF16_HOST_DEVICE uint32_t NanMaxTakesValue(float running_max, float value) {
+  return MaskOf(value != value || value > running_max);
+}
+
+// A state's stored value where `mask` is set, else `kept`, a value loaded
+// from the same tensor (bf16: canonical if a NaN, as any rounding leaves it).
+TF_BF16_HOST_DEVICE float SelectStored(uint32_t mask, float stored, float kept) {
+  return SelectByMask(mask, stored, CanonicalizeNan(kept));
+}
+TF_BF16_HOST_DEVICE uint16_t SelectStored(uint32_t mask, uint16_t stored, uint16_t kept) {
+  const uint32_t k = kept;
+  const uint16_t canonical_kept = SelectNan(k << 16, k);
+  return static_cast<uint16_t>((stored & mask) | (canonical_kept & ~mask));
 }
 
 template <Rounding R, bool kAmsgrad, typename S>
 TF_BF16_HOST_DEVICE void AdamElement(S* var, S* m, S* v, S* vhat, uint16_t* compensation,
-                                     float g, int64_t i, uint32_t lo, const AdamScalars& p,
-                                     const LaneKeys& keys) {
+                                     float g, int64_t i, const AdamScalars& p,
+                                     ElementBits bits) {
   const float w = Load(var[i]);
   const float m_old = Load(m[i]);
   const float v_old = Load(v[i]);
   const float m_new = m_old + (g - m_old) * p.one_minus_beta1;
   const float v_new = v_old + (g * g - v_old) * p.one_minus_beta2;
-  StoreState<R>(m_new, &m[i], keys.first_slot, lo);
-  StoreState<R>(v_new, &v[i], keys.second_slot, lo);
+  StoreState<R>(m_new, &m[i], bits.Draw(SlotDraw<R>(0)));
+  StoreState<R>(v_new, &v[i], bits.Draw(SlotDraw<R>(1)));
   float v_used = v_new;
   if (kAmsgrad) {
-    v_used = NanMax(Load(vhat[i]), v_new);
-    StoreState<R>(v_used, &vhat[i], keys.max_slot, lo);
+    const S vhat_old = vhat[i];
+    const uint32_t take_new = NanMaxTakesValue(Load(vhat_old), v_new);
+    v_used = SelectByMask(take_new, v_new, Load(vhat_old));
+    // StoreState of v_used, written as a select: a kept maximum is
+    // bf16-valued, and so stored as it was (rounding it changes nothing but
+    // a NaN's pattern); it may be subnormal, which StoreState's rounding of
+    // computed values must not see.
+    StoreState<R>(v_new, &vhat[i], bits.Draw(SlotDraw<R>(2)));
+    vhat[i] = SelectStored(take_new, vhat[i], vhat_old);
   }
   const float step = (m_new * p.alpha) / (sqrtf(v_used) + p.epsilon);
   const float delta = MaybeDecayedDelta(p.weight_decay_mask, -step, w, p.weight_decay, p.lr);
-  CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight, lo);
+  CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), bits.Draw(0));
 }
 
 // tf.sign, as Keras's Lion uses it (sign(-0) = +0), except that NaN stays
@@ -380,23 +509,22 @@ TF_BF16_HOST_DEVICE float SignKeepNan(float x) {
 // interpolation of momentum and gradient; the momentum is an EMA.
 template <Rounding R, typename S>
 TF_BF16_HOST_DEVICE void LionElement(S* var, S* m, uint16_t* compensation, float g,
-                                     int64_t i, uint32_t lo, const LionScalars& p,
-                                     const LaneKeys& keys) {
+                                     int64_t i, const LionScalars& p, ElementBits bits) {
   const float w = Load(var[i]);
   const float m_old = Load(m[i]);
   const float c = m_old * p.beta1 + g * p.one_minus_beta1;
   const float m_new = m_old * p.beta2 + g * p.one_minus_beta2;
-  StoreState<R>(m_new, &m[i], keys.first_slot, lo);
+  StoreState<R>(m_new, &m[i], bits.Draw(SlotDraw<R>(0)));
   const float delta =
       MaybeDecayedDelta(p.weight_decay_mask, -(p.lr * SignKeepNan(c)), w, p.weight_decay, p.lr);
-  CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight, lo);
+  CommitWeight<R>(w, delta, &var[i], KahanBuffer<R>(compensation, i), bits.Draw(0));
 }
 
 template <Rounding R, typename S>
 TF_BF16_HOST_DEVICE void AssignAddElement(S* var, uint16_t* compensation, float delta,
-                                          int64_t i, uint32_t lo, const LaneKeys& keys) {
-  CommitWeight<R>(Load(var[i]), delta, &var[i], KahanBuffer<R>(compensation, i), keys.weight,
-                  lo);
+                                          int64_t i, ElementBits bits) {
+  CommitWeight<R, true>(Load(var[i]), delta, &var[i], KahanBuffer<R>(compensation, i),
+                        bits.Draw(0));
 }
 
 }  // namespace tf_bf16

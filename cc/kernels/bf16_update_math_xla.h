@@ -99,32 +99,39 @@ class Hlo {
     return {low, high};
   }
 
-  // tf_bf16::StreamKey, on int64 scalars known only at run time.
-  XlaOp StreamKey(XlaOp seed, XlaOp step, XlaOp var_id, uint32_t lane) const {
+  // tf_bf16::StreamKey, on int64 scalars known only at run time: a u32 scalar.
+  XlaOp StreamKey(XlaOp seed, XlaOp step, XlaOp var_id) const {
     XlaOp key = U32(kStreamKeyInit);
     for (XlaOp word : {seed, step, var_id}) {
       auto [low, high] = Split64(word);
       key = Mix32(xla::Xor(key, low));
       key = Mix32(xla::Xor(key, high));
     }
-    return Mix32(xla::Xor(key, U32(lane)));
+    return Mix32(xla::Xor(key, U32(kStreamKeyFinalWord)));
   }
 
-  // The stream keys of all four lanes, as a u32[4] (one tensor, so that it
-  // can be carried through a while loop).
-  XlaOp StreamKeys(XlaOp seed, XlaOp step, XlaOp var_id) const {
-    std::vector<XlaOp> keys;
-    for (uint32_t lane : {kWeightLane, kFirstSlotLane, kSecondSlotLane, kMaxSlotLane}) {
-      keys.push_back(xla::Reshape(StreamKey(seed, step, var_id, lane), {1}));
-    }
-    return xla::ConcatInDim(b_, keys, 0);
+  // tf_bf16::MixBody and MixCore: Mix32 without its last step, and without
+  // its first one either.
+  XlaOp MixCore(XlaOp x) const {
+    x = xla::Mul(x, U32(kMix32Multiplier1));
+    x = xla::Xor(x, Shr(x, 15));
+    return xla::Mul(x, U32(kMix32Multiplier2));
+  }
+  XlaOp MixBody(XlaOp x) const { return MixCore(xla::Xor(x, Shr(x, 16))); }
+
+  // ElementBits::p0 for every element of `index` (h0 before its last
+  // xor-shift), from the call's stream key.
+  XlaOp ElementHash(XlaOp stream_key, const ElementIndex& index) const {
+    XlaOp block_key = Mix32(xla::Xor(stream_key, index.high.valid() ? index.high : U32(0)));
+    return MixCore(MixBody(xla::Xor(index.low, block_key)));
   }
 
-  // tf_bf16::RandomBits16 for every element of `index`, from the lane's key.
-  XlaOp RandomBits16(XlaOp stream_keys, uint32_t lane, const ElementIndex& index) const {
-    XlaOp key = xla::Reshape(xla::Slice(stream_keys, {lane}, {lane + 1}, {1}), {});
-    XlaOp block_key = Mix32(xla::Xor(key, index.high.valid() ? index.high : U32(0)));
-    return Shr(Mix32(Mix32(xla::Xor(index.low, block_key))), 16);
+  // ElementBits::Draw(k): draw k (0..3) of every element, from ElementHash.
+  XlaOp Draw(XlaOp p0, int k) const {
+    XlaOp p = k < 2 ? p0
+                    : MixCore(xla::Xor(p0, U32(kSecondHashConstant ^ (kSecondHashConstant >> 16))));
+    if (k % 2 == 0) return Shr(p, 16);
+    return xla::And(xla::Xor(p, Shr(p, 16)), U32(0xFFFFu));
   }
 
   // --- denormals and NaN ------------------------------------------------
@@ -219,21 +226,29 @@ struct Batch {
   const Hlo& h;
   bool bf16;           // the variable's (and its slots') dtype
   Rounding rounding;
-  XlaOp stream_keys;   // u32[4], by lane
-  ElementIndex index;
+  XlaOp hash;          // ElementBits::p0 of every element; only when a rounding draws
+
+  // stream_key: the call's (u32 scalar); index: the elements' flat indices.
+  static Batch Make(const Hlo& h, bool bf16, Rounding rounding, XlaOp stream_key,
+                    const ElementIndex& index) {
+    const bool draws = bf16 && rounding != Rounding::kNearest;
+    return Batch{h, bf16, rounding, draws ? h.ElementHash(stream_key, index) : XlaOp()};
+  }
 
   // A Kahan compensation buffer is updated (and is the last state tensor).
   bool kahan() const { return bf16 && rounding == Rounding::kKahan; }
 
   Value Load(XlaOp bits) const { return bf16 ? h.LoadBf16(bits) : Hlo::LoadF32(bits); }
 
-  XlaOp RandomBits(uint32_t lane) const { return h.RandomBits16(stream_keys, lane, index); }
+  // The draw of optimizer slot `slot` (tf_bf16::SlotDraw).
+  int SlotDraw(int slot) const { return (rounding == Rounding::kStochastic ? 1 : 0) + slot; }
 
-  // StoreState: float32 exact (canonical NaN); bf16 nearest or stochastic.
-  XlaOp StoreState(Value value, uint32_t lane) const {
+  // StoreState of optimizer slot `slot`: float32 exact (canonical NaN); bf16
+  // nearest or stochastic.
+  XlaOp StoreState(Value value, int slot) const {
     if (!bf16) return h.CanonicalBits(value);
     if (rounding == Rounding::kNearest) return h.RoundNearestBf16(value);
-    return h.RoundStochasticBf16(value, RandomBits(lane));
+    return h.RoundStochasticBf16(value, h.Draw(hash, SlotDraw(slot)));
   }
 
   // CommitWeight: returns the new weight bits and, for Kahan, sets
@@ -242,7 +257,7 @@ struct Batch {
     if (!bf16) return h.CanonicalBits(h.Add(weight, delta));
     if (rounding == Rounding::kKahan) return KahanAdd(weight, delta, compensation);
     if (rounding == Rounding::kStochastic) {
-      return h.RoundStochasticBf16(h.Add(weight, delta), RandomBits(kWeightLane));
+      return h.RoundStochasticBf16(h.Add(weight, delta), h.Draw(hash, 0));
     }
     return h.RoundNearestBf16(h.Add(weight, delta));
   }
@@ -318,7 +333,7 @@ inline std::vector<XlaOp> SgdElements(const Batch& e, absl::Span<const XlaOp> st
   Value update;
   if (p.use_momentum) {
     const Value a = h.Sub(h.Mul(e.Load(state[1]), p.momentum), h.Mul(g, p.lr));
-    out.push_back(e.StoreState(a, kFirstSlotLane));
+    out.push_back(e.StoreState(a, 0));
     update = p.nesterov ? h.Sub(h.Mul(a, p.momentum), h.Mul(g, p.lr)) : a;
   } else {
     update = Hlo::Neg(h.Mul(g, p.lr));
@@ -335,12 +350,11 @@ inline std::vector<XlaOp> AdamElements(const Batch& e, absl::Span<const XlaOp> s
   const Value v_old = e.Load(state[2]);
   const Value m_new = h.Add(m_old, h.Mul(h.Sub(g, m_old), p.one_minus_beta1));
   const Value v_new = h.Add(v_old, h.Mul(h.Sub(h.Mul(g, g), v_old), p.one_minus_beta2));
-  std::vector<XlaOp> out = {XlaOp(), e.StoreState(m_new, kFirstSlotLane),
-                            e.StoreState(v_new, kSecondSlotLane)};
+  std::vector<XlaOp> out = {XlaOp(), e.StoreState(m_new, 0), e.StoreState(v_new, 1)};
   Value v_used = v_new;
   if (p.amsgrad) {
     v_used = NanMax(h, e.Load(state[3]), v_new);
-    out.push_back(e.StoreState(v_used, kMaxSlotLane));
+    out.push_back(e.StoreState(v_used, 2));
   }
   const Value step = h.Div(h.Mul(m_new, p.alpha), h.Add(h.Sqrt(v_used), p.epsilon));
   CommitInto(e, state, w, e.MaybeDecayed(p.decay, Hlo::Neg(step), w, p.weight_decay, p.lr),
@@ -355,7 +369,7 @@ inline std::vector<XlaOp> LionElements(const Batch& e, absl::Span<const XlaOp> s
   const Value m_old = e.Load(state[1]);
   const Value c = h.Add(h.Mul(m_old, p.beta1), h.Mul(g, p.one_minus_beta1));
   const Value m_new = h.Add(h.Mul(m_old, p.beta2), h.Mul(g, p.one_minus_beta2));
-  std::vector<XlaOp> out = {XlaOp(), e.StoreState(m_new, kFirstSlotLane)};
+  std::vector<XlaOp> out = {XlaOp(), e.StoreState(m_new, 0)};
   const Value update = Hlo::Neg(h.Mul(p.lr, SignKeepNan(h, c)));
   CommitInto(e, state, w, e.MaybeDecayed(p.decay, update, w, p.weight_decay, p.lr), &out);
   return out;
