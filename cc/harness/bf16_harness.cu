@@ -17,6 +17,7 @@
 // numbers of several magnitudes.
 //
 //   bf16_harness [--log2n 28] [--big N] [--reps 20] [--json FILE] [--only SUBSTRING]
+//                [--baseline FILE: an earlier run's --json, to print time ratios against]
 //                [--corrupt: flip a result bit before comparing, to see a failure]
 #include <algorithm>
 #include <chrono>
@@ -140,7 +141,7 @@ struct Case {
   int64_t n = 0;                                   // elements of the variable
   int64_t rows = 0, row_size = 0, num_indices = 0; // sparse when num_indices > 0
   bool index64 = true;
-  bool geometry_sweep = false;  // also time other grid sizes
+  bool geometry_sweep = false;  // also check and time other launch configurations
 
   bool sparse() const { return num_indices > 0; }
   int state_bytes() const { return var_bf16 ? 2 : 4; }
@@ -202,7 +203,7 @@ struct Scalars {
   SgdScalars sgd;
   AdamScalars adam;
   LionScalars lion;
-  LaneKeys keys;
+  RandomKey stream_key;
 };
 
 Scalars MakeScalars(const Case& c) {
@@ -218,7 +219,7 @@ Scalars MakeScalars(const Case& c) {
   s.adam.weight_decay = wd;
   s.adam.weight_decay_mask = MaskOf(wd != 0.0f);
   s.lion = LionScalars{lr, 0.9f, 1.0f - 0.9f, 0.99f, 1.0f - 0.99f, wd, MaskOf(wd != 0.0f)};
-  s.keys = MakeStreamKeys(int64_t{1} << 33 | 7, 5, -3);
+  s.stream_key = MakeStreamKey(int64_t{1} << 33 | 7, 5, -3);
   return s;
 }
 
@@ -251,7 +252,7 @@ typename Executor::Status Apply(const Executor& ex, const Case& c, const Tensors
                                 const SparseGroupsView& groups, const Scalars& s) {
   if (c.op == Op::kRound) {
     return StochasticRound(ex, static_cast<const float*>(t.p[kGrad]),
-                           static_cast<uint16_t*>(t.p[kVar]), c.n, s.keys);
+                           static_cast<uint16_t*>(t.p[kVar]), c.n, s.stream_key);
   }
   return WithTypes(c, [&](auto r, auto st, auto gt) -> typename Executor::Status {
     constexpr Rounding R = decltype(r)::value;
@@ -265,20 +266,20 @@ typename Executor::Status Apply(const Executor& ex, const Case& c, const Tensors
     const G* grad = static_cast<const G*>(t.p[kGrad]);
     if (c.sparse()) {
       if (c.op == Op::kSgd) {
-        return SparseApplySgd<R>(ex, var, s1, comp, grad, groups, c.row_size, s.sgd, s.keys);
+        return SparseApplySgd<R>(ex, var, s1, comp, grad, groups, c.row_size, s.sgd, s.stream_key);
       }
       return SparseApplyAdam<R>(ex, var, s1, s2, s3, comp, grad, groups, c.row_size, s.adam,
-                                s.keys);
+                                s.stream_key);
     }
     switch (c.op) {
       case Op::kAssignAdd:
-        return RoundedAssignAdd<R>(ex, var, comp, grad, c.n, s.keys);
+        return RoundedAssignAdd<R>(ex, var, comp, grad, c.n, s.stream_key);
       case Op::kSgd:
-        return ApplySgd<R>(ex, var, s1, comp, grad, c.n, s.sgd, s.keys);
+        return ApplySgd<R>(ex, var, s1, comp, grad, c.n, s.sgd, s.stream_key);
       case Op::kAdam:
-        return ApplyAdam<R>(ex, var, s1, s2, s3, comp, grad, c.n, s.adam, s.keys);
+        return ApplyAdam<R>(ex, var, s1, s2, s3, comp, grad, c.n, s.adam, s.stream_key);
       default:
-        return ApplyLion<R>(ex, var, s1, comp, grad, c.n, s.lion, s.keys);
+        return ApplyLion<R>(ex, var, s1, comp, grad, c.n, s.lion, s.stream_key);
     }
   });
 }
@@ -301,8 +302,8 @@ void HostReference(const Case& c, const Tensors& t, const std::vector<int64_t>& 
     uint16_t* y = static_cast<uint16_t*>(t.p[kVar]);
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < c.n; ++i) {
-      const LaneKeys k = s.keys.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32));
-      y[i] = RoundStochasticToBf16(x[i], RandomBits16(k.weight, static_cast<uint32_t>(i)));
+      const RandomKey k = s.stream_key.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32));
+      y[i] = RoundStochasticToBf16(x[i], ElementBits::Of(k.value, static_cast<uint32_t>(i)).Draw(0));
     }
     return;
   }
@@ -317,28 +318,28 @@ void HostReference(const Case& c, const Tensors& t, const std::vector<int64_t>& 
     auto* comp = static_cast<uint16_t*>(t.p[kComp]);
     const G* grad = static_cast<const G*>(t.p[kGrad]);
     auto element = [&](int64_t i, float g) {
-      const LaneKeys k = s.keys.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32));
-      const uint32_t lo = static_cast<uint32_t>(i);
+      const RandomKey k = s.stream_key.ForBlock(static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32));
+      const ElementBits bits = ElementBits::Of(k.value, static_cast<uint32_t>(i));
       switch (c.op) {
         case Op::kAssignAdd:
-          AssignAddElement<R>(var, comp, g, i, lo, k);
+          AssignAddElement<R>(var, comp, g, i, bits);
           break;
         case Op::kSgd:
           if (c.momentum) {
-            SgdElement<R, true>(var, s1, comp, g, i, lo, s.sgd, k);
+            SgdElement<R, true>(var, s1, comp, g, i, s.sgd, bits);
           } else {
-            SgdElement<R, false>(var, s1, comp, g, i, lo, s.sgd, k);
+            SgdElement<R, false>(var, s1, comp, g, i, s.sgd, bits);
           }
           break;
         case Op::kAdam:
           if (c.amsgrad) {
-            AdamElement<R, true>(var, s1, s2, s3, comp, g, i, lo, s.adam, k);
+            AdamElement<R, true>(var, s1, s2, s3, comp, g, i, s.adam, bits);
           } else {
-            AdamElement<R, false>(var, s1, s2, s3, comp, g, i, lo, s.adam, k);
+            AdamElement<R, false>(var, s1, s2, s3, comp, g, i, s.adam, bits);
           }
           break;
         default:
-          LionElement<R>(var, s1, comp, g, i, lo, s.lion, k);
+          LionElement<R>(var, s1, comp, g, i, s.lion, bits);
       }
     };
     if (c.sparse()) {
@@ -403,6 +404,7 @@ struct Result {
   double ms = 0, copy_ms = 0;  // medians
   double tbps = 0, copy_tbps = 0;
   std::string note;
+  std::vector<std::pair<std::string, double>> sweep;  // launch configuration, median ms
 };
 
 template <typename T>
@@ -673,11 +675,24 @@ Result RunCaseGpu(Device& d, const Case& c, int reps) {
     res.note += buf;
   }
   if (c.geometry_sweep) {
-    // Other grid sizes: the same bits (fresh inputs, same reference), and
-    // their times; 0 is the launcher's default (multiprocessors x 8 blocks).
-    for (int factor : {2, 4, 16, 32, -1}) {
+    // Other launch configurations: the same bits (fresh inputs, same
+    // reference), and their times. K: chunks a thread loads before it
+    // computes (GpuExecutor::chunks_per_trip); grid: blocks per
+    // multiprocessor, or one trip of K chunks per thread (no grid-stride).
+    struct Config {
+      const char* name;
+      int chunks_per_trip;
+      int blocks_per_sm;  // 0: one trip per thread
+    };
+    const Config configs[] = {{"K=1 8xSM", 1, 8},   {"K=1 32xSM", 1, 32},
+                              {"K=1 1 chunk/thread", 1, 0},
+                              {"K=2 4xSM", 2, 4},   {"K=2 32xSM", 2, 32},
+                              {"K=2 1 trip/thread", 2, 0}};
+    for (const Config& config : configs) {
       GpuExecutor other = ex;
-      other.max_blocks = factor > 0 ? d.multiprocessors * factor : INT_MAX;
+      other.chunks_per_trip = config.chunks_per_trip;
+      other.max_blocks = config.blocks_per_sm > 0 ? d.multiprocessors * config.blocks_per_sm
+                                                  : INT_MAX;
       FillDevice(d, c, dt);
       CHECK_CUDA(Apply(other, c, dt.t, groups, s));
       CHECK_CUDA(cudaStreamSynchronize(d.stream));
@@ -691,10 +706,10 @@ Result RunCaseGpu(Device& d, const Case& c, int reps) {
       const int64_t bad = Compare(c, got, host.buffers, &first);
       res.mismatches += bad;
       const double ms = TimeMs(d, reps, [&] { CHECK_CUDA(Apply(other, c, dt.t, groups, s)); });
+      res.sweep.emplace_back(config.name, ms);
       char buf[160];
-      std::snprintf(buf, sizeof(buf), " grid %s: %.3f ms%s;",
-                    factor > 0 ? (std::to_string(factor) + "xSM").c_str() : "one chunk/thread",
-                    ms, bad ? " BITS DIFFER" : "");
+      std::snprintf(buf, sizeof(buf), " %s: %.3f ms%s;", config.name, ms,
+                    bad ? " BITS DIFFER" : "");
       res.note += buf;
     }
   }
@@ -718,12 +733,13 @@ Result RunCaseHost(const Case& c) {
   HostReference(c, want.tensors, want.indices, s);
   const HostGroups groups = GroupOnHost(want.indices);
   for (uint64_t threads : {uint64_t{1}, uint64_t{7}, uint64_t{132} * 8 * 256}) {
-    for (bool vector : {true, false}) {
+    for (int variant = 0; variant < 3; ++variant) {  // vectorised K = 1, K = 2; scalar
       HostState got = MakeHostInputs(c);
       HostEmulator ex;
       ex.threads = threads;
       ex.reverse_order = threads == 7;
-      ex.allow_vector = vector;
+      ex.allow_vector = variant < 2;
+      ex.chunks_per_trip = variant == 1 ? kMaxChunksPerTrip : 1;
       FlushDenormals flush;
       Apply(ex, c, got.tensors, groups.View(), s);
       Corrupt(got.buffers);
@@ -777,8 +793,8 @@ std::vector<Case> MakeCases(int64_t n, int64_t big) {
         c.amsgrad = v.amsgrad;
         c.weight_decay = v.wd;
         c.n = n;
-        c.geometry_sweep = grad_bf16 && r != Rounding::kNearest &&
-                           (std::string(v.name) == "sgd_momentum" || std::string(v.name) == "adam");
+        c.geometry_sweep = grad_bf16 && (std::string(v.name) == "sgd_momentum" ||
+                                         std::string(v.name) == "adam");
         c.name = std::string(v.name) + " bf16/" + (grad_bf16 ? "bf16 " : "f32 ") + RoundingName(r);
         add(c);
       }
@@ -824,6 +840,86 @@ std::vector<Case> MakeCases(int64_t n, int64_t big) {
   return cases;
 }
 
+// ---------------------------------------------------------------------------
+// An earlier run's --json (e.g. docs/h200/harness.json, the first H200 run):
+// per case name, its median ms and effective bandwidth against its copy.
+
+struct Baseline {
+  double ms = 0, tbps = 0, copy_tbps = 0;
+};
+
+double JsonNumber(const std::string& line, const std::string& key) {
+  const size_t at = line.find("\"" + key + "\": ");
+  return at == std::string::npos ? 0 : std::atof(line.c_str() + at + key.size() + 4);
+}
+
+std::vector<std::pair<std::string, Baseline>> ReadBaseline(const std::string& path) {
+  std::vector<std::pair<std::string, Baseline>> out;
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) {
+    std::printf("baseline %s: cannot read it\n", path.c_str());
+    return out;
+  }
+  char buf[4096];
+  while (std::fgets(buf, sizeof(buf), f)) {
+    const std::string line = buf;
+    const size_t at = line.find("\"name\": \"");
+    if (at == std::string::npos) continue;
+    const size_t end = line.find('"', at + 9);
+    Baseline b;
+    b.ms = JsonNumber(line, "ms");
+    b.tbps = JsonNumber(line, "tbps");
+    b.copy_tbps = JsonNumber(line, "copy_tbps");
+    out.emplace_back(line.substr(at + 9, end - at - 9), b);
+  }
+  std::fclose(f);
+  return out;
+}
+
+// Time and bandwidth against the baseline's, case by case, and the
+// stochastic/nearest ratios of both runs.
+void PrintComparison(const std::vector<Result>& results, const std::string& path) {
+  const auto baseline = ReadBaseline(path);
+  if (baseline.empty()) return;
+  auto find = [&](const std::string& name) -> const Baseline* {
+    for (const auto& [n, b] : baseline) {
+      if (n == name) return &b;
+    }
+    return nullptr;
+  };
+  std::printf("\nagainst %s (median ms then and now; %%copy: effective bandwidth as a "
+              "share of the copy's, each run its own copy):\n", path.c_str());
+  std::printf("  %-50s %9s %9s %8s %8s %8s\n", "case", "ms then", "ms now", "speedup",
+              "%copy", "%copy");
+  std::printf("  %-50s %9s %9s %8s %8s %8s\n", "", "", "", "", "then", "now");
+  for (const Result& r : results) {
+    const Baseline* b = find(r.name);
+    if (!b || b->ms <= 0) continue;
+    if (r.ms <= 0) {  // host mode: nothing timed, the baseline alone
+      std::printf("  %-50s %9.4f %9s %8s %7.1f%% %8s\n", r.name.c_str(), b->ms, "-", "-",
+                  100.0 * b->tbps / b->copy_tbps, "-");
+      continue;
+    }
+    std::printf("  %-50s %9.4f %9.4f %7.2fx %7.1f%% %7.1f%%\n", r.name.c_str(), b->ms, r.ms,
+                b->ms / r.ms, 100.0 * b->tbps / b->copy_tbps, 100.0 * r.tbps / r.copy_tbps);
+  }
+  std::printf("\n  stochastic / nearest time, then and now:\n");
+  for (const Result& sr : results) {
+    const size_t at = sr.name.find(" stochastic");
+    if (at == std::string::npos || sr.name.find("(big)") != std::string::npos) continue;
+    const std::string nearest = sr.name.substr(0, at) + " nearest" + sr.name.substr(at + 11);
+    const Baseline* b_sr = find(sr.name);
+    const Baseline* b_nr = find(nearest);
+    for (const Result& nr : results) {
+      if (nr.name != nearest) continue;
+      char then[16] = "-", now[16] = "-";
+      if (b_sr && b_nr && b_nr->ms > 0) std::snprintf(then, sizeof(then), "%.3f", b_sr->ms / b_nr->ms);
+      if (nr.ms > 0) std::snprintf(now, sizeof(now), "%.3f", sr.ms / nr.ms);
+      std::printf("  %-44s %6s %6s\n", sr.name.substr(0, at).c_str(), then, now);
+    }
+  }
+}
+
 }  // namespace harness
 
 int main(int argc, char** argv) {
@@ -831,7 +927,7 @@ int main(int argc, char** argv) {
   int log2n = kGpu ? 28 : 14;
   int64_t big = 0;
   int reps = 20;
-  std::string json_path, only;
+  std::string json_path, only, baseline_path;
   for (int a = 1; a < argc; ++a) {
     const std::string arg = argv[a];
     auto next = [&]() -> std::string {
@@ -846,10 +942,11 @@ int main(int argc, char** argv) {
     else if (arg == "--reps") reps = std::stoi(next());
     else if (arg == "--json") json_path = next();
     else if (arg == "--only") only = next();
+    else if (arg == "--baseline") baseline_path = next();
     else if (arg == "--corrupt") g_corrupt = true;
     else {
       std::fprintf(stderr, "usage: %s [--log2n N] [--big ELEMENTS] [--reps N] [--json FILE] "
-                           "[--only SUBSTRING] [--corrupt]\n", argv[0]);
+                           "[--only SUBSTRING] [--baseline FILE] [--corrupt]\n", argv[0]);
       return 2;
     }
   }
@@ -874,6 +971,9 @@ int main(int argc, char** argv) {
   std::printf("device: %s, sm_%d%d, %d multiprocessors, %.1f GiB, driver %d, runtime %d\n",
               prop.name, prop.major, prop.minor, prop.multiProcessorCount,
               prop.totalGlobalMem / 1073741824.0, driver, runtime);
+  std::printf("launch: %d threads per block, %d blocks per multiprocessor, grid-stride, "
+              "%d chunk(s) of %d elements loaded per trip\n",
+              kThreadsPerBlock, kBlocksPerMultiprocessor, kDefaultChunksPerTrip, kVectorWidth);
   extra_problems += CheckBadIndices<int32_t>(d) + CheckBadIndices<int64_t>(d);
   std::printf("bad-index validation (int32, int64): %s\n",
               extra_problems.empty() ? "first bad position and value as the CPU kernel reports"
@@ -899,7 +999,7 @@ int main(int argc, char** argv) {
                   r.note.empty() ? "" : ("\n    " + r.note).c_str());
     } else {
       std::printf("%-48s %12lld %5.0f %s%s\n", r.name.c_str(), static_cast<long long>(r.elements),
-                  r.bytes_per_element, r.mismatches ? "DIFFER" : "identical (6 emulated grids)",
+                  r.bytes_per_element, r.mismatches ? "DIFFER" : "identical (9 emulated grids)",
                   r.first_mismatch.empty() ? "" : ("  first: " + r.first_mismatch).c_str());
     }
     std::fflush(stdout);
@@ -930,18 +1030,26 @@ int main(int argc, char** argv) {
                    kGpu ? "gpu" : "host", static_cast<long long>(n), reps);
       for (size_t k = 0; k < results.size(); ++k) {
         const Result& r = results[k];
+        std::string sweep;
+        for (const auto& [config, ms] : r.sweep) {
+          char item[96];
+          std::snprintf(item, sizeof(item), "%s\"%s\": %.5f", sweep.empty() ? "" : ", ",
+                        config.c_str(), ms);
+          sweep += item;
+        }
         std::fprintf(f,
                      "  {\"name\": \"%s\", \"elements\": %lld, \"bytes_per_element\": %.1f, "
                      "\"mismatches\": %lld, \"ms\": %.5f, \"copy_ms\": %.5f, \"tbps\": %.4f, "
-                     "\"copy_tbps\": %.4f, \"note\": \"%s\"}%s\n",
+                     "\"copy_tbps\": %.4f, \"sweep_ms\": {%s}, \"note\": \"%s\"}%s\n",
                      r.name.c_str(), static_cast<long long>(r.elements), r.bytes_per_element,
                      static_cast<long long>(r.mismatches), r.ms, r.copy_ms, r.tbps, r.copy_tbps,
-                     r.note.c_str(), k + 1 < results.size() ? "," : "");
+                     sweep.c_str(), r.note.c_str(), k + 1 < results.size() ? "," : "");
       }
       std::fprintf(f, "]}\n");
       std::fclose(f);
     }
   }
+  if (!baseline_path.empty()) PrintComparison(results, baseline_path);
   const bool ok = identical == static_cast<int>(results.size()) && extra_problems.empty();
   std::printf("\nbf16_harness: %s: %d of %zu cases bit-identical to the host math%s\n",
               ok ? "OK" : "FAILED", identical, results.size(),
