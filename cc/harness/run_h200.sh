@@ -10,7 +10,10 @@
 #      optimi from the wheels in .whl/ (cc/harness/fetch_wheels.sh) if carried.
 # Everything it prints goes to $OUT (default out/h200): build.log,
 # harness.txt, harness.json, torch_peers.txt, torch_peers.json, env.txt.
-# A failing stage is reported and the next one still runs. About 6 minutes.
+# The harness also prints its times against the first H200 run
+# (docs/h200/harness.json). A failing stage is reported and the next one still
+# runs. About 6 minutes. tools/h200/run_all.sh runs this and the XLA and JAX
+# GPU checks in one call (docs/bench_gpu.md).
 set -x
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-out/h200}"
@@ -29,7 +32,7 @@ tail -3 "$OUT/build.log"
 stamp harness
 if [ -x /tmp/bf16_harness ]; then
     timeout 330 /tmp/bf16_harness --log2n 28 --big 1000000000 --reps 20 \
-        --json "$OUT/harness.json" 2>&1 | tee "$OUT/harness.txt"
+        --baseline docs/h200/harness.json --json "$OUT/harness.json" 2>&1 | tee "$OUT/harness.txt"
     stamp "harness exit ${PIPESTATUS[0]}"
 fi
 

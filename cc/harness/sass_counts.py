@@ -10,9 +10,10 @@ It disassembles every vectorised DenseKernel (cuobjdump -sass), finds its main
 loop (the loop with the most 128-bit global loads: the grid-stride loop over
 chunks of 8 elements), counts the instructions of that loop by class and
 divides by the elements one trip of the loop handles (8 per chunk; the number
-of chunks per trip is read off the 128-bit loads). The scalar tail and the
-set-up outside the loop are left out: they are amortized over millions of
-elements.
+of chunks per trip is read off the 128-bit loads). The scalar tail, the
+set-up outside the loop and the out-of-line slow paths of IEEE division and
+square root (jumped over unless an operand is out of range) are left out:
+the counts are of the path every element takes.
 
 Classes (sm_90 issue pipes): int = ALU integer and logic (IADD3, LOP3, SHF,
 ISETP, SEL, PRMT, LEA, VIADD, ...), imad = IMAD* (the FMA pipe's integer
@@ -98,6 +99,25 @@ def main_loop(instructions):
     return first, last
 
 
+def slow_paths(instructions, loop):
+    """Address ranges (exclusive) that a forward branch inside the loop jumps over
+    and that contain a CALL: the out-of-line slow paths of IEEE division and
+    square root (taken only for operands out of the fast path's range). They are
+    left out of the counts, which describe the path every element takes."""
+    calls = [a for a, op, _, _ in instructions if op == "CALL"]
+    ranges = []
+    for address, opcode, _, operands in instructions:
+        if opcode != "BRA" or not loop[0] <= address <= loop[1]:
+            continue
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if not target:
+            continue
+        t = int(target.group(1), 16)
+        if t > address and any(address < c < t for c in calls):
+            ranges.append((address, t))
+    return ranges
+
+
 def demangle(names, cxxfilt):
     out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True,
                          check=True).stdout.splitlines()
@@ -161,7 +181,9 @@ def count(binary, cuobjdump, cxxfilt):
         loop = main_loop(instructions)
         if loop is None:
             continue
-        body = [(op, mod) for a, op, mod, _ in instructions if loop[0] <= a <= loop[1]]
+        slow = slow_paths(instructions, loop)
+        body = [(op, mod) for a, op, mod, _ in instructions
+                if loop[0] <= a <= loop[1] and not any(f < a < t for f, t in slow)]
         wide_loads = sum(1 for op, mod in body if op == "LDG" and ".128" in mod)
         chunks = max(1, wide_loads // loads_per_chunk)
         elements = 8 * chunks

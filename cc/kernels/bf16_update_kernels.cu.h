@@ -21,9 +21,23 @@
 //    straddles a 2^32-element block and has one block key.
 //  - A grid-stride loop: thread t of T handles chunks t, t + T, t + 2T, ...
 //    Threads share nothing and every element is written by exactly one
-//    thread, so the results do not depend on the launch geometry.
+//    thread, so the results do not depend on the launch geometry. A thread
+//    loads K chunks (K = kDefaultChunksPerTrip on the GPU) of every tensor
+//    before it computes any, so that more bytes are in flight per thread;
+//    K changes nothing else (the host emulation runs K = 1 and 2).
+//  - Every load and store is marked streaming (evict first): each byte is
+//    read once and written once.
+//  - The random bits of a chunk's 8 elements cost one xor each beyond the
+//    hash itself (ElementBits::FromMixed).
 //  - Unaligned tensors (a base pointer not 16-byte aligned, e.g. a slice)
 //    run the same code with chunks of one element.
+//
+// Device code rounds results of float32 arithmetic to nearest with the
+// hardware conversion (bf16_update_math.h, RoundNearestComputedToBf16): the
+// same bits as the formula of docs/rounding.md 2 for every value flushed
+// arithmetic can produce (the H200 harness checks it, bit for bit);
+// cc/harness/sass_counts.py counts the instructions per element of each
+// kernel.
 //
 // Compile device code with --fmad=false (no fused multiply-add: the spec
 // rounds after every float32 operation, docs/rounding.md 1) and --ftz=true

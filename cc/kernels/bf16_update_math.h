@@ -48,6 +48,16 @@ TF_BF16_HOST_DEVICE float BitsToFloat(uint32_t u) {
 #endif
 }
 
+#if defined(__CUDA_ARCH__)
+// Makes the compiler compute `value` here, in program order, instead of
+// keeping what it is computed from (e.g. a NaN test's predicate) alive until
+// its use: across the out-of-line slow paths of IEEE division and square root
+// a live predicate is saved to a register and restored, two instructions per
+// stored value of Adam. An empty asm: no instruction is emitted.
+__device__ __forceinline__ void MaterializeHere(uint32_t& value) { asm volatile("" : "+r"(value)); }
+__device__ __forceinline__ void MaterializeHere(uint16_t& value) { asm volatile("" : "+h"(value)); }
+#endif
+
 TF_BF16_HOST_DEVICE float Bf16ToFloat(uint16_t b) {
   return BitsToFloat(static_cast<uint32_t>(b) << 16);
 }
@@ -126,7 +136,9 @@ TF_BF16_HOST_DEVICE uint16_t RoundStochasticToBf16(float x, uint32_t random16) {
 #if defined(__CUDA_ARCH__)
   // A float comparison (one instruction) finds the NaN; the shift of the
   // selected 32-bit value can merge into the packing of two results.
-  return static_cast<uint16_t>((x != x ? kCanonicalNanFloat : u + random16) >> 16);
+  uint32_t word = x != x ? kCanonicalNanFloat : u + random16;
+  MaterializeHere(word);
+  return static_cast<uint16_t>(word >> 16);
 #else
   const uint32_t rounded = (u + random16) >> 16;
   return SelectNan(u, rounded);
@@ -151,7 +163,9 @@ __device__ __forceinline__ uint16_t HardwareRoundNearest(float x) {
 
 TF_BF16_HOST_DEVICE uint16_t RoundNearestComputedToBf16(float x) {
 #if defined(__CUDA_ARCH__)
-  return x != x ? kCanonicalNanBf16 : HardwareRoundNearest(x);
+  uint16_t r = x != x ? kCanonicalNanBf16 : HardwareRoundNearest(x);
+  MaterializeHere(r);
+  return r;
 #else
   return RoundNearestToBf16(x);
 #endif
