@@ -415,6 +415,7 @@ class RoundedAssignAddOp : public OpKernel {
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "compensation", &num_compensation));
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -461,6 +462,7 @@ class ApplySgdOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::SgdScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadSgdScalars(ctx, num_accum == 1, use_nesterov_, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -511,6 +513,7 @@ class ApplyAdamOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::AdamScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadAdamScalars(ctx, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -559,6 +562,7 @@ class ApplyLionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::LionScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadLionScalars(ctx, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -609,6 +613,7 @@ class SparseApplySgdOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::SgdScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadSgdScalars(ctx, num_accum == 1, use_nesterov_, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -667,6 +672,7 @@ class SparseApplyAdamOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::AdamScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadAdamScalars(ctx, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
