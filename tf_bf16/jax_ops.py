@@ -401,6 +401,42 @@ def _scalar(value, role, low=None, high=None, high_open=False):
     return flush_denormal(jnp.asarray(value, jnp.float32))
 
 
+def _check_adam_step(step):
+    """Adam's step is the 0-based iteration count (the bias correction needs
+    beta ** (step + 1)); a concrete step is checked, a traced one cannot be."""
+    if isinstance(step, (bool, np.bool_)):
+        raise TypeError("'step' must be an integer, got a bool.")
+    if isinstance(step, (int, np.integer)):
+        value = int(step)
+    else:
+        concrete = _concrete(step)
+        if concrete is None:
+            return
+        value = int(concrete)
+    if not 0 <= value < (1 << 63) - 1:
+        raise ValueError(f"'step' is {value}; Adam's step is the 0-based iteration count, in "
+                         f"[0, {(1 << 63) - 2}] (the bias correction needs beta ** (step + 1)).")
+
+
+def _check_adam_step_size(alpha, learning_rate, beta_1_power, beta_2_power):
+    """The kernels' checks of the bias-correction powers and the step size
+    (bf16_training_op_helpers.h), for concrete values."""
+    values = [_concrete(x) for x in (alpha, learning_rate, beta_1_power, beta_2_power)]
+    if any(v is None for v in values):
+        return
+    alpha, lr, b1p, b2p = values
+    if not 0.0 <= b1p < 1.0:
+        raise ValueError(f"'beta1_power' = beta_1 ** (step + 1) is {b1p}; it must be in "
+                         "[0, 1) (beta_1 in [0, 1), step >= 0).")
+    if not 0.0 <= b2p <= 1.0:
+        raise ValueError(f"'beta2_power' = beta_2 ** (step + 1) is {b2p}; it must be in "
+                         "[0, 1] (beta_2 in [0, 1), step >= 0).")
+    if not math.isfinite(alpha):
+        raise ValueError(f"Adam's step size lr * sqrt(1 - beta2_power) / (1 - beta1_power) is "
+                         f"{alpha} for 'learning_rate' = {lr}: not finite; lower the learning "
+                         "rate.")
+
+
 # ---------------------------------------------------------------------------
 # Storing state and committing the weight (section 5)
 
@@ -561,6 +597,7 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
     b2 = _scalar(beta_2, "beta_2", low=0.0, high=1.0, high_open=True)
     eps = _scalar(epsilon, "epsilon", low=0.0)
     wd = _scalar(weight_decay, "weight_decay")
+    _check_adam_step(step)
     f = Float32Arithmetic(runtime_zero(learning_rate))
     b1p, b2p = bias_correction_powers(beta_1, beta_2, step)
     one = jnp.float32(1)
@@ -569,6 +606,7 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
         f.div(f.mul(lr, f.sqrt(f.sub(one, flush_denormal(b2p)))),
               f.sub(one, flush_denormal(b1p))),
         _one_minus(beta_1, f), _one_minus(beta_2, f)))
+    _check_adam_step_size(alpha, lr, b1p, b2p)
     stream = _Stream(seed, step, var_id, var.shape)
     _, w = _load(var)
     _, g = _load(grad)

@@ -101,9 +101,11 @@ class Adam(base.Bf16Optimizer, keras.optimizers.Adam):
         """One fused, in-place update of `variable` (`tf_bf16.ops.apply_adam`),
         AdamW's decoupled weight decay included."""
         index = self._get_variable_index(variable)
+        # Keras's Adam moves every row's moments: sparse gradients are densified.
+        gradient, learning_rate = base.dense_gradient(gradient, variable, learning_rate)
         ops.apply_adam(
             variable,
-            base.dense_gradient(gradient),  # Keras's Adam moves every row's moments
+            gradient,
             self._momentums[index],
             self._velocities[index],
             learning_rate,

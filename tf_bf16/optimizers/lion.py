@@ -82,9 +82,10 @@ class Lion(base.Bf16Optimizer, keras.optimizers.Lion):
 
     def fused_update_step(self, gradient, variable, learning_rate):
         """One fused, in-place update of `variable` (`tf_bf16.ops.apply_lion`)."""
+        gradient, learning_rate = base.dense_gradient(gradient, variable, learning_rate)
         ops.apply_lion(
             variable,
-            base.dense_gradient(gradient),
+            gradient,
             self._momentums[self._get_variable_index(variable)],
             learning_rate,
             beta_1=self.beta_1,

@@ -101,13 +101,13 @@ class SGD(base.Bf16Optimizer, keras.optimizers.SGD):
         compensation = self._compensations[index]
         if accumulator is not None or self._weight_decay_for(variable):
             # Momentum or weight decay makes every row move every step, as in Keras.
-            gradient = base.dense_gradient(gradient)
+            gradient, learning_rate = base.dense_gradient(gradient, variable, learning_rate)
         elif compensation is not None:
             # A Kahan step with a zero gradient is not always a no-op (w - c can
             # round to a neighbour of w at a tie): skipping the rows without a
             # gradient would differ from the dense update, and from JAX, whose
             # gradients are dense.
-            gradient = base.dense_gradient(gradient)
+            gradient, learning_rate = base.dense_gradient(gradient, variable, learning_rate)
         elif ops.is_sparse(gradient):
             gradient = base.deduplicated_slices(gradient)
         ops.apply_sgd(
