@@ -44,13 +44,29 @@ def resource_handle(variable, role):
     return handle
 
 
-def variable_dtype(variable):
-    return tf.as_dtype(variable.dtype)
+def variable_dtype(variable, role="variable"):
+    try:
+        return tf.as_dtype(variable.dtype)
+    except (AttributeError, TypeError):
+        raise TypeError(
+            f"'{role}' must be a tf.Variable or keras.Variable (resource variable), got "
+            f"{type(variable).__name__}. tf_bf16 updates variables in place.") from None
+
+
+def to_tensor(value, role):
+    """tf.convert_to_tensor, its conversion errors naming the argument."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise invalid(f"'{role}' must be a number or tensor, got {value!r}.")
+    try:
+        return tf.convert_to_tensor(value)
+    except (TypeError, ValueError) as error:
+        raise invalid(f"'{role}' cannot be converted to a tensor ({value!r}): {error}") \
+            from None
 
 
 def check_variable(variable, role, expected_dtype=None, expected_shape=None):
     """Returns the variable's dtype after checking dtype and (static) shape."""
-    dtype = variable_dtype(variable)
+    dtype = variable_dtype(variable, role)
     name = variable_name(variable)
     if expected_dtype is None:
         if dtype not in UPDATABLE_DTYPES:
@@ -76,7 +92,7 @@ def check_tensor(value, role, expected_shape=None):
     """Converts a gradient or delta; float32 or bfloat16, other dtypes refused."""
     if isinstance(value, tf.IndexedSlices):
         raise invalid(f"'{role}' is IndexedSlices here; pass a dense tensor.")
-    value = tf.convert_to_tensor(value)
+    value = to_tensor(value, role)
     if value.dtype not in UPDATABLE_DTYPES:
         raise invalid(
             f"'{role}' has dtype {value.dtype.name}; pass float32 or bfloat16 (cast it "
@@ -103,7 +119,7 @@ def check_rounding(rounding, dtype, compensation, name):
 
 
 def float_scalar(value, role):
-    value = tf.convert_to_tensor(value)
+    value = to_tensor(value, role)
     if value.shape.rank not in (None, 0):
         raise invalid(f"'{role}' must be a scalar, got shape {value.shape}.")
     if not (value.dtype.is_floating or value.dtype.is_integer):
@@ -145,7 +161,7 @@ def int64_scalar(value, role):
     that fits (uint8/16/32)."""
     if python_integer(value) is not None or isinstance(value, (bool, np.bool_)):
         return tf.constant(check_int64(value, role), tf.int64)
-    value = tf.convert_to_tensor(value)
+    value = to_tensor(value, role)
     if value.shape.rank not in (None, 0):
         raise invalid(f"'{role}' must be a scalar, got shape {value.shape}.")
     if not value.dtype.is_integer:
@@ -219,13 +235,17 @@ def checked_indices(indices, rows):
         return indices
     if _in_xla_context():
         return indices
-    first = tf.argmax(tf.cast(tf.reshape(bad, [-1]), tf.int32), output_type=tf.int64)
+    # The first bad position, for the message (a sentinel keeps an empty index
+    # list valid: ArgMax of nothing fails).
+    flat = tf.reshape(indices, [-1])
+    first = tf.argmax(tf.concat([tf.cast(tf.reshape(bad, [-1]), tf.int32), [1]], 0),
+                      output_type=tf.int64)
     # One string, without quotes (Assert prints string data escaped): "assertion
     # failed: [Input indices[2] = -1 is not in [0, 4), ...]".
     message = tf.strings.format(
         "Input indices[{}] = {} is not in [0, {}), the rows of the variable (a sparse "
         "gradient). Nothing was updated.",
-        (first, tf.gather(tf.reshape(indices, [-1]), first), rows))
+        (first, tf.gather(tf.concat([flat, tf.zeros([1], flat.dtype)], 0), first), rows))
     assertion = tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [message])
     with tf.control_dependencies([assertion]):
         return tf.identity(indices)

@@ -318,10 +318,34 @@ def _describe(name, role):
 
 
 def _array(value, role, name):
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{_describe(name, role)} must be an array, got {value!r}.")
     try:
         return jnp.asarray(value)
-    except TypeError as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise TypeError(f"{_describe(name, role)} must be an array: {e}") from None
+
+
+def _check_integer(value, role):
+    """seed, step, var_id: a Python/NumPy integer of int64's range or an integer
+    scalar array, checked before anything is computed (the stream key takes the
+    value as it is)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"'{role}' must be an integer, got a bool.")
+    if isinstance(value, (int, np.integer)):
+        if not -(1 << 63) <= int(value) < (1 << 63):
+            raise ValueError(f"'{role}' = {int(value)} does not fit a signed 64-bit integer.")
+        return
+    array = _array(value, role, None)
+    if array.ndim != 0:
+        raise ValueError(f"'{role}' must be a scalar, got shape {array.shape}.")
+    if not jnp.issubdtype(array.dtype, jnp.integer):
+        raise TypeError(f"'{role}' must be an integer, got dtype {array.dtype}.")
+
+
+def _check_stream(seed, step, var_id):
+    for role, value in (("seed", seed), ("step", step), ("var_id", var_id)):
+        _check_integer(value, role)
 
 
 def _check_variable(value, role, name, like=None, dtype=None):
@@ -386,8 +410,12 @@ def _concrete(value):
 
 def _scalar(value, role, low=None, high=None, high_open=False):
     """A float32 hyperparameter (flushed); a concrete value is checked first."""
+    value = _array(value, role, None) if not isinstance(value, (int, float)) else value
     if hasattr(value, "shape") and tuple(value.shape) != ():
         raise ValueError(f"'{role}' must be a scalar, got shape {tuple(value.shape)}.")
+    if hasattr(value, "dtype") and not (jnp.issubdtype(value.dtype, jnp.floating) or
+                                        jnp.issubdtype(value.dtype, jnp.integer)):
+        raise TypeError(f"'{role}' must be a number, got dtype {value.dtype}.")
     concrete = _concrete(value)
     if concrete is not None:
         number = float(np.float32(concrete))
@@ -496,6 +524,7 @@ def stochastic_round(x, seed, step=0, var_id=0, name=None):
 
     Bits of lane 0 of the stream (seed, step, var_id); no arithmetic, no
     flushing. Not differentiable (wrap the input in `lax.stop_gradient`)."""
+    _check_stream(seed, step, var_id)
     x = _array(x, "x", name)
     if x.dtype != jnp.float32:
         raise ValueError(f"stochastic_round: 'x' has dtype {x.dtype}; pass float32.")
@@ -509,6 +538,7 @@ def rounded_assign_add(variable, delta, rounding="stochastic", compensation=None
     Returns ``{"variable": ..., "compensation": ...}`` (the compensation only
     under "kahan" on bfloat16)."""
     var = _check_variable(variable, "variable", name)
+    _check_stream(seed, step, var_id)
     comp = _check_rounding(rounding, var, compensation, name)
     delta = _check_tensor(delta, "delta", var.shape, name)
     _, w = _load(var)
@@ -528,6 +558,7 @@ def apply_sgd(variable, gradient, learning_rate, momentum=0.0, accumulator=None,
     Returns ``{"variable", "accumulator" (if given), "compensation" (Kahan)}``.
     """
     var = _check_variable(variable, "variable", name)
+    _check_stream(seed, step, var_id)
     comp = _check_rounding(rounding, var, compensation, name)
     grad = _check_tensor(gradient, "gradient", var.shape, name)
     accum = None if accumulator is None else _check_variable(accumulator, "accumulator", name,
@@ -586,6 +617,7 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
     Returns ``{"variable", "m", "v", "vhat" (if given), "compensation" (Kahan)}``.
     """
     var = _check_variable(variable, "variable", name)
+    _check_stream(seed, step, var_id)
     comp = _check_rounding(rounding, var, compensation, name)
     grad = _check_tensor(gradient, "gradient", var.shape, name)
     slots = {"m": _check_variable(m, "m", name, like=var),
@@ -637,6 +669,7 @@ def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
     decay. Returns ``{"variable", "m", "compensation" (Kahan)}``.
     """
     var = _check_variable(variable, "variable", name)
+    _check_stream(seed, step, var_id)
     comp = _check_rounding(rounding, var, compensation, name)
     grad = _check_tensor(gradient, "gradient", var.shape, name)
     m = _check_variable(m, "m", name, like=var)

@@ -238,8 +238,9 @@ def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
     _args.check_distinct(variable=variable, m=m, compensation=compensation)
     if isinstance(gradient, tf.IndexedSlices):
         if shape.rank == 0:
-            raise _args.invalid(f"Sparse gradient for scalar variable "
-                                f"'{_args.variable_name(variable)}'; pass a dense gradient.")
+            raise _args.invalid(f"'gradient' is sparse (IndexedSlices) but 'variable' "
+                                f"('{_args.variable_name(variable)}') is a scalar; pass a "
+                                "dense gradient.")
         # Lion moves every row: densified, its indices checked first (docs/rounding.md 7).
         gradient, learning_rate = _args.densified(gradient, shape[0], learning_rate)
     grad = _args.check_tensor(gradient, "gradient", shape)
@@ -264,8 +265,9 @@ def _compensation_list(compensation, variable):
 def _check_sparse(gradient, variable):
     shape = tf.TensorShape(variable.shape)
     if shape.rank == 0:
-        raise _args.invalid(f"Sparse gradient for scalar variable "
-                            f"'{_args.variable_name(variable)}'; pass a dense gradient.")
+        raise _args.invalid(f"'gradient' is sparse (IndexedSlices) but 'variable' "
+                            f"('{_args.variable_name(variable)}') is a scalar; pass a dense "
+                            "gradient.")
     indices = tf.convert_to_tensor(gradient.indices)
     if indices.dtype not in (tf.int32, tf.int64):
         raise _args.invalid(f"Sparse gradient indices have dtype {indices.dtype.name}; "
