@@ -33,8 +33,11 @@ class Lion(base.Bf16Optimizer, keras.optimizers.Lion):
         rounding: `"kahan"` (default), `"stochastic"` or `"nearest"`: how the
             bfloat16 weight update is rounded; the momentum is rounded
             stochastically unless `rounding="nearest"`.
-        seed: int or None. Seed of the stochastic rounding. `None` draws one
-            at construction; it is saved in the config.
+        seed: int (a 32-bit signed integer) or None. Seed of the stochastic
+            rounding. `None` draws one at construction. It is kept in the
+            optimizer variable `rounding_seed` (and the config), so training
+            resumed from any checkpoint is bit-identical, the default seed
+            included.
         {{base_optimizer_keyword_args}}
 
     References:
