@@ -470,3 +470,37 @@ def test_policy_seed_is_checked():
             tf_bf16.set_policy(seed=bad)
     tf_bf16.set_policy(seed=np.int64(3))
     assert tf_bf16.policy.policy_state().seed == 3
+
+
+JAX_ROLES_SCRIPT = """
+import keras, numpy as np
+from tf_bf16.backend import jax as backend_jax
+w, m, v = (keras.Variable(np.ones(3, np.float32), dtype="bfloat16") for _ in range(3))
+before = [np.asarray(x.numpy()).copy() for x in (w, m, v)]
+for kwargs, names in [(dict(m=m, v=m), ("'m'", "'v'")),
+                      (dict(m=m, v=v, compensation=w, rounding="kahan"),
+                       ("'variable'", "'compensation'"))]:
+    try:
+        backend_jax.apply_adam(w, np.ones(3, np.float32), learning_rate=0.01, **kwargs)
+    except ValueError as error:
+        assert all(n in str(error) for n in names), str(error)
+    else:
+        raise AssertionError(f"accepted {list(kwargs)}")
+for x, b in zip((w, m, v), before):
+    assert np.array_equal(np.asarray(x.numpy()).view(np.uint16), b.view(np.uint16))
+print("ok")
+"""
+
+
+def test_jax_backend_refuses_one_keras_variable_in_two_roles():
+    """F2 on Keras's JAX backend: its wrappers assign each result to a variable."""
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", JAX_ROLES_SCRIPT], env=env, cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
