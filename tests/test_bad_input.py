@@ -433,7 +433,7 @@ def test_malformed_sparse_gradient(device, optimizer, dtype, rounding):
     # A sparse gradient for a scalar variable.
     scalar = _state(optimizer, dtype, rounding, shape=())
     _expect_invalid(scalar, lambda: _call(optimizer, scalar, tf.IndexedSlices(
-        tf.ones((1,)), tf.constant([0])), rounding), "scalar variable")
+        tf.ones((1,)), tf.constant([0])), rounding), "'gradient' is sparse")
     _expect_invalid(scalar, lambda: _raw_call(optimizer, scalar, tf.ones((1,)), rounding,
                                               indices=tf.constant([0])), "'var'")
 

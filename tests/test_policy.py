@@ -151,6 +151,55 @@ def test_strict_policy_in_a_custom_training_loop():
         tf_bf16.prepare_model(model)
 
 
+@pytest.mark.parametrize("call", ["model(x, training=True)", "stateless_call"])
+def test_custom_loop_refuses_float32_state_before_the_forward_pass_changes_it(call):
+    """Issue 12 F6: in a custom loop the forward pass moves BatchNormalization's
+    statistics before any optimizer is involved. A float32 BN layer (its moving
+    statistics are non-trainable, so the optimizer never sees them) is refused
+    at the model's first training call, with nothing changed, and the message
+    gives each variable its role (not "optimizer slot" for gamma and beta)."""
+    tf_bf16.set_policy()
+    model = mixed_model(head_dtype=None, bn_dtype="float32")
+    optimizer = bf16_optimizers.Adam(1e-2, seed=1)
+    x, y = data()
+    before = snapshot(model.variables)
+    with pytest.raises(tf_bf16.StrictPolicyError) as info:
+        if call == "stateless_call":
+            model.stateless_call([v.value for v in model.trainable_variables],
+                                 [v.value for v in model.non_trainable_variables], x,
+                                 training=True)
+        else:
+            with tf.GradientTape() as tape:
+                loss = keras.ops.mean((model(x, training=True) - y) ** 2)
+            optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                                          model.trainable_variables))
+    assert_unchanged(before, model.variables, "after the refusal")
+    message = str(info.value)
+    check_refusal(info.value, [
+        ("norm/gamma", "norm", "BatchNormalization"), ("norm/beta", "norm", "BatchNormalization"),
+        ("norm/moving_mean", "norm", "BatchNormalization"),
+        ("norm/moving_variance", "norm", "BatchNormalization")])
+    assert "norm/moving_mean: float32 (8,), layer 'norm' (BatchNormalization), non-trainable" \
+        in message
+    assert "norm/gamma: float32 (8,), layer 'norm' (BatchNormalization), trainable" in message
+    assert "optimizer slot" not in message
+    # Inference calls are not training: not refused.
+    model(x, training=False)
+    model(x)
+
+
+def test_optimizer_build_check_names_roles():
+    """The optimizer's own check (variables given to it, owner unknown) says what they
+    are: trainable variables given to the optimizer, not optimizer slots."""
+    tf_bf16.set_policy()
+    w = keras.Variable(np.ones((3,), "float32"), dtype="float32", name="wide")
+    with pytest.raises(tf_bf16.StrictPolicyError) as info:
+        bf16_optimizers.SGD(0.1, momentum=0.9, seed=0).build([w])
+    message = str(info.value)
+    assert "wide: float32 (3,), trainable variable given to optimizer" in message
+    assert "optimizer slot" not in message
+
+
 def test_strict_false_allows_float32_layers():
     tf_bf16.set_policy(strict=False)
     model = mixed_model(bn_dtype="float32")
@@ -241,8 +290,10 @@ def test_scalar_bookkeeping_and_metrics_are_not_refused(optimizer):
     assert any(v.dtype == "float32" for v in model.metrics_variables)
     # Checking again with the optimizer built (slots exist now) passes too.
     tf_bf16.check_model(model, opt)
+    seed = getattr(opt, "rounding_seed", None)   # tf_bf16's: bookkeeping too
+    assert seed is None or seed.dtype == "int32"
     for v in opt.variables:
-        if v is not opt._iterations and v is not opt._learning_rate:
+        if v is not opt._iterations and v is not opt._learning_rate and v is not seed:
             assert v.dtype == "bfloat16", v.path
 
 

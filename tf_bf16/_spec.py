@@ -23,7 +23,7 @@ CANONICAL_NAN_FLOAT32 = 0x7FC00000
 # Section 6: var_id offsets of the Keras integration's streams. Weight i of an
 # optimizer uses var_id i; its EMA copy i + EMA_STREAM, its gradient
 # accumulator i + GRADIENT_ACCUMULATOR_STREAM; BatchNormalization statistics
-# MOVING_STATISTICS_STREAM + crc32("layer name/attribute").
+# MOVING_STATISTICS_STREAM + the statistic's position in model.variables.
 EMA_STREAM = 1 << 32
 GRADIENT_ACCUMULATOR_STREAM = 2 << 32
 MOVING_STATISTICS_STREAM = 1 << 62

@@ -338,10 +338,34 @@ def _describe(name, role):
 
 
 def _array(value, role, name):
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{_describe(name, role)} must be an array, got {value!r}.")
     try:
         return jnp.asarray(value)
-    except TypeError as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise TypeError(f"{_describe(name, role)} must be an array: {e}") from None
+
+
+def _check_integer(value, role):
+    """seed, step, var_id: a Python/NumPy integer of int64's range or an integer
+    scalar array, checked before anything is computed (the stream key takes the
+    value as it is)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"'{role}' must be an integer, got a bool.")
+    if isinstance(value, (int, np.integer)):
+        if not -(1 << 63) <= int(value) < (1 << 63):
+            raise ValueError(f"'{role}' = {int(value)} does not fit a signed 64-bit integer.")
+        return
+    array = _array(value, role, None)
+    if array.ndim != 0:
+        raise ValueError(f"'{role}' must be a scalar, got shape {array.shape}.")
+    if not jnp.issubdtype(array.dtype, jnp.integer):
+        raise TypeError(f"'{role}' must be an integer, got dtype {array.dtype}.")
+
+
+def _check_stream(seed, step, var_id):
+    for role, value in (("seed", seed), ("step", step), ("var_id", var_id)):
+        _check_integer(value, role)
 
 
 def _check_variable(value, role, name, like=None, dtype=None):
@@ -406,8 +430,12 @@ def _concrete(value):
 
 def _scalar(value, role, low=None, high=None, high_open=False):
     """A float32 hyperparameter (flushed); a concrete value is checked first."""
+    value = _array(value, role, None) if not isinstance(value, (int, float)) else value
     if hasattr(value, "shape") and tuple(value.shape) != ():
         raise ValueError(f"'{role}' must be a scalar, got shape {tuple(value.shape)}.")
+    if hasattr(value, "dtype") and not (jnp.issubdtype(value.dtype, jnp.floating) or
+                                        jnp.issubdtype(value.dtype, jnp.integer)):
+        raise TypeError(f"'{role}' must be a number, got dtype {value.dtype}.")
     concrete = _concrete(value)
     if concrete is not None:
         number = float(np.float32(concrete))
@@ -419,6 +447,42 @@ def _scalar(value, role, low=None, high=None, high_open=False):
                 else f" >= {low}")
             raise ValueError(f"'{role}' is {concrete}; pass a finite number{bounds}.")
     return flush_denormal(jnp.asarray(value, jnp.float32))
+
+
+def _check_adam_step(step):
+    """Adam's step is the 0-based iteration count (the bias correction needs
+    beta ** (step + 1)); a concrete step is checked, a traced one cannot be."""
+    if isinstance(step, (bool, np.bool_)):
+        raise TypeError("'step' must be an integer, got a bool.")
+    if isinstance(step, (int, np.integer)):
+        value = int(step)
+    else:
+        concrete = _concrete(step)
+        if concrete is None:
+            return
+        value = int(concrete)
+    if not 0 <= value < (1 << 63) - 1:
+        raise ValueError(f"'step' is {value}; Adam's step is the 0-based iteration count, in "
+                         f"[0, {(1 << 63) - 2}] (the bias correction needs beta ** (step + 1)).")
+
+
+def _check_adam_step_size(alpha, learning_rate, beta_1_power, beta_2_power):
+    """The kernels' checks of the bias-correction powers and the step size
+    (bf16_training_op_helpers.h), for concrete values."""
+    values = [_concrete(x) for x in (alpha, learning_rate, beta_1_power, beta_2_power)]
+    if any(v is None for v in values):
+        return
+    alpha, lr, b1p, b2p = values
+    if not 0.0 <= b1p < 1.0:
+        raise ValueError(f"'beta1_power' = beta_1 ** (step + 1) is {b1p}; it must be in "
+                         "[0, 1) (beta_1 in [0, 1), step >= 0).")
+    if not 0.0 <= b2p <= 1.0:
+        raise ValueError(f"'beta2_power' = beta_2 ** (step + 1) is {b2p}; it must be in "
+                         "[0, 1] (beta_2 in [0, 1), step >= 0).")
+    if not math.isfinite(alpha):
+        raise ValueError(f"Adam's step size lr * sqrt(1 - beta2_power) / (1 - beta1_power) is "
+                         f"{alpha} for 'learning_rate' = {lr}: not finite; lower the learning "
+                         "rate.")
 
 
 # ---------------------------------------------------------------------------
@@ -480,6 +544,7 @@ def stochastic_round(x, seed, step=0, var_id=0, name=None):
 
     Draw d0 of the stream (seed, step, var_id); no arithmetic, no flushing.
     Not differentiable (wrap the input in `lax.stop_gradient`)."""
+    _check_stream(seed, step, var_id)
     x = _array(x, "x", name)
     if x.dtype != jnp.float32:
         raise ValueError(f"stochastic_round: 'x' has dtype {x.dtype}; pass float32.")
@@ -493,6 +558,7 @@ def rounded_assign_add(variable, delta, rounding="stochastic", compensation=None
     Returns ``{"variable": ..., "compensation": ...}`` (the compensation only
     under "kahan" on bfloat16)."""
     var = _check_variable(variable, "variable", name)
+    _check_stream(seed, step, var_id)
     comp = _check_rounding(rounding, var, compensation, name)
     delta = _check_tensor(delta, "delta", var.shape, name)
     _, w = _load(var)
@@ -512,6 +578,7 @@ def apply_sgd(variable, gradient, learning_rate, momentum=0.0, accumulator=None,
     Returns ``{"variable", "accumulator" (if given), "compensation" (Kahan)}``.
     """
     var = _check_variable(variable, "variable", name)
+    _check_stream(seed, step, var_id)
     comp = _check_rounding(rounding, var, compensation, name)
     grad = _check_tensor(gradient, "gradient", var.shape, name)
     accum = None if accumulator is None else _check_variable(accumulator, "accumulator", name,
@@ -570,6 +637,7 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
     Returns ``{"variable", "m", "v", "vhat" (if given), "compensation" (Kahan)}``.
     """
     var = _check_variable(variable, "variable", name)
+    _check_stream(seed, step, var_id)
     comp = _check_rounding(rounding, var, compensation, name)
     grad = _check_tensor(gradient, "gradient", var.shape, name)
     slots = {"m": _check_variable(m, "m", name, like=var),
@@ -581,6 +649,7 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
     b2 = _scalar(beta_2, "beta_2", low=0.0, high=1.0, high_open=True)
     eps = _scalar(epsilon, "epsilon", low=0.0)
     wd = _scalar(weight_decay, "weight_decay")
+    _check_adam_step(step)
     f = Float32Arithmetic(runtime_zero(learning_rate))
     b1p, b2p = bias_correction_powers(beta_1, beta_2, step)
     one = jnp.float32(1)
@@ -589,6 +658,7 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
         f.div(f.mul(lr, f.sqrt(f.sub(one, flush_denormal(b2p)))),
               f.sub(one, flush_denormal(b1p))),
         _one_minus(beta_1, f), _one_minus(beta_2, f)))
+    _check_adam_step_size(alpha, lr, b1p, b2p)
     stream = _Stream(seed, step, var_id, var.shape)
     _, w = _load(var)
     _, g = _load(grad)
@@ -619,6 +689,7 @@ def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
     decay. Returns ``{"variable", "m", "compensation" (Kahan)}``.
     """
     var = _check_variable(variable, "variable", name)
+    _check_stream(seed, step, var_id)
     comp = _check_rounding(rounding, var, compensation, name)
     grad = _check_tensor(gradient, "gradient", var.shape, name)
     m = _check_variable(m, "m", name, like=var)

@@ -14,9 +14,12 @@ float32 variables are updated exactly (the rounding only applies to bfloat16).
 The rounding specification is docs/rounding.md; ``tf_bf16.reference`` is a
 pure-TensorFlow implementation of the same functions, bit-identical.
 
-The ops have CPU kernels only: no CUDA kernel and no XLA lowering exist yet, so
-inside ``tf.function(jit_compile=True)`` (or ``model.compile(jit_compile=True)``)
-they fail (on the CPU: "No registered 'TfBf16>...' OpKernel for XLA_CPU_JIT devices").
+Bad input (docs/rounding.md, section 7, "Allowed ranges") raises
+``InvalidArgumentError`` naming the input, before anything is written: Python
+and NumPy integers (seed, step, var_id) and the variables' roles are checked
+here, every value again by the kernels (CPU and CUDA share the checks). Under
+``tf.function(jit_compile=True)`` the XLA lowering refuses bad compile-time
+constants and skips the update for bad run-time values (section 8.4).
 """
 
 import tensorflow as tf
@@ -84,6 +87,7 @@ def rounded_assign_add(variable, delta, rounding="stochastic", compensation=None
     name_ = _args.variable_name(variable)
     _args.check_rounding(rounding, dtype, compensation, name_)
     delta = _args.check_tensor(delta, "delta", tf.TensorShape(variable.shape))
+    _args.check_distinct(variable=variable, compensation=compensation)
     return _lib().tf_bf16_resource_rounded_assign_add(
         var=_args.resource_handle(variable, "variable"),
         compensation=_compensation_list(compensation, variable),
@@ -126,6 +130,7 @@ def apply_sgd(variable, gradient, learning_rate, momentum=0.0, accumulator=None,
         _args.check_variable(slot, "accumulator", dtype, tf.TensorShape(variable.shape))
     if nesterov and accumulator is None:
         raise _args.invalid("apply_sgd: nesterov=True needs an accumulator.")
+    _args.check_distinct(variable=variable, accumulator=accumulator, compensation=compensation)
     common = dict(
         var=_args.resource_handle(variable, "variable"),
         accum=[_args.resource_handle(a, "accumulator") for a in accum],
@@ -181,6 +186,8 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
         slots["vhat"] = vhat
     for role, slot in slots.items():
         _args.check_variable(slot, role, dtype, shape)
+    _args.check_distinct(variable=variable, **slots, compensation=compensation)
+    _args.check_adam_step(step)
     beta_1_power, beta_2_power = _args.bias_correction_powers(beta_1, beta_2, step)
     common = dict(
         var=_args.resource_handle(variable, "variable"),
@@ -228,8 +235,14 @@ def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
     _args.check_rounding(rounding, dtype, compensation, _args.variable_name(variable))
     shape = tf.TensorShape(variable.shape)
     _args.check_variable(m, "m", dtype, shape)
+    _args.check_distinct(variable=variable, m=m, compensation=compensation)
     if isinstance(gradient, tf.IndexedSlices):
-        gradient = tf.convert_to_tensor(gradient)
+        if shape.rank == 0:
+            raise _args.invalid(f"'gradient' is sparse (IndexedSlices) but 'variable' "
+                                f"('{_args.variable_name(variable)}') is a scalar; pass a "
+                                "dense gradient.")
+        # Lion moves every row: densified, its indices checked first (docs/rounding.md 7).
+        gradient, learning_rate = _args.densified(gradient, shape[0], learning_rate)
     grad = _args.check_tensor(gradient, "gradient", shape)
     return _lib().tf_bf16_resource_apply_lion(
         var=_args.resource_handle(variable, "variable"), m=_args.resource_handle(m, "m"),
@@ -252,8 +265,9 @@ def _compensation_list(compensation, variable):
 def _check_sparse(gradient, variable):
     shape = tf.TensorShape(variable.shape)
     if shape.rank == 0:
-        raise _args.invalid(f"Sparse gradient for scalar variable "
-                            f"'{_args.variable_name(variable)}'; pass a dense gradient.")
+        raise _args.invalid(f"'gradient' is sparse (IndexedSlices) but 'variable' "
+                            f"('{_args.variable_name(variable)}') is a scalar; pass a dense "
+                            "gradient.")
     indices = tf.convert_to_tensor(gradient.indices)
     if indices.dtype not in (tf.int32, tf.int64):
         raise _args.invalid(f"Sparse gradient indices have dtype {indices.dtype.name}; "

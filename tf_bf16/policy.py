@@ -2,10 +2,11 @@
 
 ``set_policy()`` makes Keras's global dtype policy ``"bfloat16"`` and turns on
 strictness: when training starts (``fit``/``train_on_batch`` creating their
-train function, or a tf_bf16 optimizer being built in a custom loop) any
-float32/float64 per-parameter state — a model weight, a non-trainable
-statistic, an optimizer slot — is refused with an error that names each
-offending variable and its layer, before any weight changes. Scalar
+train function; in a custom loop, a built model's first call with
+``training=True`` or a tf_bf16 optimizer being built) any float32/float64
+per-parameter state — a model weight, a non-trainable statistic, an optimizer
+slot — is refused with an error that names each offending variable, its layer
+and its role, before any variable changes. Scalar
 bookkeeping (iteration counters, the learning rate) and metric accumulators
 are exempt. ``keep_float32`` is the escape hatch for layers that must stay in
 float32.
@@ -15,8 +16,9 @@ their update ``moving = moving * momentum + batch * (1 - momentum)`` is
 computed in float32 by Keras and, under the policy, stored with stochastic
 rounding instead of round-to-nearest (which cancels the ``(1 - momentum)``
 step once it is below half an ulp, so the statistics stall). The random
-stream is keyed on the optimizer's iteration counter and seed and on the
-variable's path, so resumed training draws the same bits. No model change.
+stream is keyed on the optimizer's raw iteration counter and seed variable and
+on the statistic's position in the model's variables, so resumed training, and
+the same model built again, draw the same bits. No model change.
 
 Compiled metrics compute in float32 and initializers without a bf16 kernel
 (Keras's `Orthogonal`) draw in float32 and cast, while the policy is active
@@ -32,11 +34,12 @@ optimizer_variables)`, else the statistics are keyed on a trace-time constant.
 
 import contextlib
 import dataclasses
+import functools
 import re
 import weakref
-import zlib
 
 import keras
+import numpy as np
 
 from tf_bf16 import backend
 from tf_bf16._spec import MOVING_STATISTICS_STREAM
@@ -85,10 +88,20 @@ def set_policy(strict=True, keep_float32=(), moving_statistics=True, seed=0):
     _STATE.strict = bool(strict)
     _STATE.moving_statistics = bool(moving_statistics)
     _STATE.float32_patterns = tuple(re.compile(p) for p in _as_tuple(keep_float32))
-    _STATE.seed = int(seed)
+    _STATE.seed = _checked_seed(seed)
     _install_training_hook()
+    _install_call_hook()
     keras_hooks.install(lambda: _STATE.active)
     return keras.config.dtype_policy()
+
+
+def _checked_seed(seed):
+    """The policy's seed: a Python or NumPy integer of the ops' int64 range."""
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"Argument `seed` must be an int. Received: seed={seed!r}")
+    if not -2**63 <= int(seed) < 2**63:
+        raise ValueError(f"Argument `seed` must be in [-2**63, 2**63). Received: seed={seed}")
+    return int(seed)
 
 
 def reset_policy():
@@ -205,17 +218,27 @@ def _wide_optimizer_slots(optimizer):
     return found
 
 
-def _describe(variable, layer):
-    where = f"layer '{layer.name}' ({type(layer).__name__})" if layer is not None else \
-        "optimizer slot"
+def _role(variable, layer, unowned):
+    """What the variable is: a layer's trainable weight or non-trainable state, an
+    optimizer slot (of which weight), or `unowned` (the caller knows)."""
+    if layer is not None:
+        kind = "trainable" if variable.trainable else "non-trainable"
+        return f"layer '{layer.name}' ({type(layer).__name__}), {kind}"
+    reference = getattr(variable, "_tf_bf16_slot_of", None)
+    if reference is not None and reference() is not None:
+        return f"optimizer slot of '{reference().path}'"
+    return unowned
+
+
+def _describe(variable, layer, unowned="optimizer variable"):
     return (f"  - {variable.path}: {keras.backend.standardize_dtype(variable.dtype)} "
-            f"{tuple(variable.shape)}, {where}")
+            f"{tuple(variable.shape)}, {_role(variable, layer, unowned)}")
 
 
-def raise_if_wide_state(found, context):
+def raise_if_wide_state(found, context, unowned="optimizer variable"):
     if not found:
         return
-    lines = "\n".join(_describe(v, layer) for v, layer in found)
+    lines = "\n".join(_describe(v, layer, unowned) for v, layer in found)
     raise StrictPolicyError(
         f"tf_bf16 strict bf16 policy: {context} found {len(found)} float32/float64 "
         f"per-parameter variable(s); no weight was changed:\n{lines}\n"
@@ -235,7 +258,56 @@ def check_optimizer_variables(optimizer, variables):
     if not (_STATE.active and _STATE.strict):
         return
     found = [(v, None) for v in variables if _is_wide_float(v) and not _exempt(v, None)]
-    raise_if_wide_state(found, f"optimizer '{optimizer.name}' (trainable variables)")
+    raise_if_wide_state(found, f"optimizer '{optimizer.name}' (trainable variables)",
+                        unowned=f"trainable variable given to optimizer '{optimizer.name}'")
+
+
+# ---------------------------------------------------------------------------
+# Custom training loops: the model is checked on its first training call.
+
+_CHECKED_MODELS = weakref.WeakKeyDictionary()   # model -> number of variables checked
+
+
+def _check_before_training_call(model, kwargs):
+    """Under the strict policy, a built model's first call with `training=True`
+    (`model(x, training=True)`, `model.stateless_call(..., training=True)`)
+    checks every variable of the model -- trainable and non-trainable -- before
+    the call can change any (BatchNormalization's statistics move during the
+    forward pass, before the optimizer sees anything)."""
+    if not (_STATE.active and _STATE.strict) or kwargs.get("training") is not True:
+        return
+    if not getattr(model, "built", False):
+        return
+    count = len(model.variables)
+    if _CHECKED_MODELS.get(model) == count:
+        return
+    check_model(model)
+    _CHECKED_MODELS[model] = count
+
+
+_CALL_HOOK_INSTALLED = False
+
+
+def _install_call_hook():
+    global _CALL_HOOK_INSTALLED
+    if _CALL_HOOK_INSTALLED:
+        return
+    original_call = keras.Model.__call__
+    original_stateless_call = keras.Model.stateless_call
+
+    @functools.wraps(original_call)
+    def __call__(self, *args, **kwargs):
+        _check_before_training_call(self, kwargs)
+        return original_call(self, *args, **kwargs)
+
+    @functools.wraps(original_stateless_call)
+    def stateless_call(self, *args, **kwargs):
+        _check_before_training_call(self, kwargs)
+        return original_stateless_call(self, *args, **kwargs)
+
+    keras.Model.__call__ = __call__
+    keras.Model.stateless_call = stateless_call
+    _CALL_HOOK_INSTALLED = True
 
 
 # ---------------------------------------------------------------------------
@@ -279,10 +351,11 @@ _MOVING_STATISTICS = ("moving_mean", "moving_variance", "moving_stddev", "renorm
                       "renorm_stddev")
 
 
-def stream_id(name):
-    """A stable 64-bit stream id from a name (CRC-32, bit 62 set to keep it apart
-    from optimizer variable indices)."""
-    return MOVING_STATISTICS_STREAM | zlib.crc32(name.encode())
+def stream_id(position):
+    """The var_id of a BatchNormalization statistic: MOVING_STATISTICS_STREAM plus its
+    position in the model's variable order (`model.variables`), which a model
+    built twice by the same code, or loaded from a save, gives it again."""
+    return MOVING_STATISTICS_STREAM + int(position)
 
 
 def moving_statistics_step(optimizer, optimizer_variables):
@@ -302,10 +375,27 @@ def moving_statistics_step(optimizer, optimizer_variables):
 
 
 def install_moving_statistics_rounding(model, optimizer):
-    """Stores bf16 BatchNormalization statistics of `model` with stochastic rounding."""
+    """Stores bf16 BatchNormalization statistics of `model` with stochastic rounding.
+
+    Streams (docs/rounding.md, section 6): seed = a tf_bf16 optimizer's
+    `rounding_seed` variable (else the policy's seed); step = the optimizer's
+    raw iteration counter, which advances every micro-step under gradient
+    accumulation (BatchNormalization moves on every batch); var_id =
+    `stream_id(position of the variable in model.variables)`. Not the layer
+    name: Keras numbers automatic names per process ("batch_normalization_1"
+    when the model is built a second time), while the position is the same
+    for the same model code, and after loading a save.
+    """
     ops = backend.ops
-    seed = getattr(optimizer, "seed", None)
-    seed = _STATE.seed if not isinstance(seed, int) else seed
+    positions = {id(v): i for i, v in enumerate(model.variables)}
+    if hasattr(optimizer, "rounding_seed"):
+        def seed():
+            return ops.statistics_seed(optimizer)
+    else:
+        policy_seed = _STATE.seed
+
+        def seed():
+            return policy_seed
     for layer in model._flatten_layers(include_self=False):
         if not isinstance(layer, keras.layers.BatchNormalization):
             continue
@@ -313,17 +403,16 @@ def install_moving_statistics_rounding(model, optimizer):
             variable = getattr(layer, attr, None)
             if variable is None or keras.backend.standardize_dtype(variable.dtype) != "bfloat16":
                 continue
+            if id(variable) not in positions:
+                continue
             original = getattr(variable, "_tf_bf16_original_assign", None) or variable.assign
             variable._tf_bf16_original_assign = original
 
-            def assign(value, _original=original, _stream=stream_id(f"{layer.name}/{attr}")):
+            def assign(value, _original=original, _stream=stream_id(positions[id(variable)])):
                 value, is_float32 = ops.is_float32_tensor(value)
                 if not is_float32:
                     return _original(value)
-                # Keyed on "layer name/attribute": unlike the variable path (which
-                # Keras prefixes differently after a Sequential model is reloaded),
-                # it survives save and load, so resumed training is bit-identical.
-                rounded = ops.stochastic_round(value, seed, ops.statistics_step(optimizer),
+                rounded = ops.stochastic_round(value, seed(), ops.statistics_step(optimizer),
                                                _stream)
                 return _original(rounded)
 

@@ -335,6 +335,7 @@ def rounded_assign_add(variable, delta, rounding="stochastic", compensation=None
     dtype = _args.check_variable(variable, "variable")
     _args.check_rounding(rounding, dtype, compensation, _args.variable_name(variable))
     delta = _args.check_tensor(delta, "delta", tf.TensorShape(variable.shape))
+    _args.check_distinct(variable=variable, compensation=compensation)
     _run_update({"var": variable}, delta, lambda cur, g: (g, {}), rounding, compensation,
                 seed, step, var_id)
 
@@ -349,6 +350,7 @@ def apply_sgd(variable, gradient, learning_rate, momentum=0.0, accumulator=None,
     lr = _args.float_scalar(learning_rate, "learning_rate")
     mom = _args.float_scalar(momentum, "momentum")
     wd = _args.float_scalar(weight_decay, "weight_decay")
+    _args.check_distinct(variable=variable, accumulator=accumulator, compensation=compensation)
     variables = {"var": variable}
     if accumulator is not None:
         variables["accum"] = accumulator
@@ -367,6 +369,8 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
     del name
     dtype = _args.check_variable(variable, "variable")
     _args.check_rounding(rounding, dtype, compensation, _args.variable_name(variable))
+    _args.check_distinct(variable=variable, m=m, v=v, vhat=vhat, compensation=compensation)
+    _args.check_adam_step(step)
     p = _adam_scalars(learning_rate, beta_1, beta_2, epsilon, weight_decay, step)
     variables = {"var": variable, "m": m, "v": v}
     if vhat is not None:
@@ -390,6 +394,7 @@ def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
     del name
     dtype = _args.check_variable(variable, "variable")
     _args.check_rounding(rounding, dtype, compensation, _args.variable_name(variable))
+    _args.check_distinct(variable=variable, m=m, compensation=compensation)
     beta1 = _args.float_scalar(beta_1, "beta_1")
     beta2 = _args.float_scalar(beta_2, "beta_2")
     p = {"lr": _args.float_scalar(learning_rate, "learning_rate"), "beta1": beta1,

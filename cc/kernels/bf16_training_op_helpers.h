@@ -84,6 +84,123 @@ inline std::string Describe(const char* input, const ResourceHandle& handle) {
   return absl::StrCat("input '", input, "' (variable '", handle.name(), "')");
 }
 
+// ---------------------------------------------------------------------------
+// The value rules of the scalar inputs (docs/rounding.md, section 7, "Allowed
+// ranges"), shared by the kernels of every device (the Read*Scalars below) and
+// the XLA lowering (bf16_training_ops_xla.cc, for compile-time constants): one
+// rule and one message per input. Comparisons are made on the float's bits, so
+// the answer does not depend on the thread's denormals-are-zero mode (eager ops
+// run on the caller's thread, graph ops on TensorFlow's pool threads, which
+// flush denormals) nor on the device: -0 counts as zero, a negative subnormal
+// as negative, exactly as the lowering's run-time predicate decides.
+
+inline uint32_t FloatBits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+inline bool IsFiniteValue(float x) { return (FloatBits(x) & 0x7F800000u) != 0x7F800000u; }
+// x < 0, false for -0 and NaN, true for negative subnormals.
+inline bool IsNegativeValue(float x) {
+  const uint32_t u = FloatBits(x);
+  return (u & 0x80000000u) != 0 && (u & 0x7FFFFFFFu) != 0 && (u & 0x7FFFFFFFu) <= 0x7F800000u;
+}
+inline bool IsZeroValue(float x) { return (FloatBits(x) & 0x7FFFFFFFu) == 0; }
+// x > 1 (x finite or +Inf).
+inline bool IsAboveOneValue(float x) {
+  const uint32_t u = FloatBits(x);
+  return (u & 0x80000000u) == 0 && u > 0x3F800000u;
+}
+inline bool IsAtLeastOneValue(float x) {
+  const uint32_t u = FloatBits(x);
+  return (u & 0x80000000u) == 0 && u >= 0x3F800000u;
+}
+
+inline absl::Status CheckFiniteValue(const char* name, float value, bool non_negative) {
+  if (!IsFiniteValue(value) || (non_negative && IsNegativeValue(value))) {
+    return errors::InvalidArgument(
+        "Input '", name, "' must be a finite", non_negative ? ", non-negative" : "",
+        " number, got ", value,
+        ". Check the optimizer's hyperparameters and learning-rate schedule; the "
+        "variables were not updated.");
+  }
+  return absl::OkStatus();
+}
+
+// Adam: 1 - beta in (0, 1], i.e. beta in [0, 1).
+inline absl::Status CheckOneMinusBetas(float one_minus_beta1, float one_minus_beta2) {
+  for (float x : {one_minus_beta1, one_minus_beta2}) {
+    if (IsNegativeValue(x) || IsZeroValue(x) || IsAboveOneValue(x)) {
+      return errors::InvalidArgument(
+          "Inputs 'one_minus_beta1' and 'one_minus_beta2' must be in (0, 1], got ",
+          one_minus_beta1, " and ", one_minus_beta2,
+          ": beta_1 and beta_2 must be in [0, 1) (beta 1 never updates the moment; beta > 1 "
+          "diverges). The variables were not updated.");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Adam's step: the 0-based iteration count, from which the bias correction
+// beta ** (step + 1) is computed. A negative step gives powers above 1 and NaN.
+inline absl::Status CheckAdamStep(int64_t step) {
+  if (step < 0) {
+    return errors::InvalidArgument(
+        "Input 'step' is ", step,
+        "; Adam's step is the 0-based iteration count (>= 0), which the bias "
+        "correction beta ** (step + 1) needs. The variables were not updated.");
+  }
+  return absl::OkStatus();
+}
+
+// beta1_power = beta_1 ** (step + 1) in [0, 1) (1 divides by zero; above 1 the
+// step changes sign); beta2_power = beta_2 ** (step + 1) in [0, 1] (above 1 its
+// square root is NaN).
+inline absl::Status CheckBiasCorrectionPowers(float beta1_power, float beta2_power) {
+  if (beta1_power == 1.0f) {
+    return errors::InvalidArgument(
+        "Input 'beta1_power' is 1, which divides the bias correction by zero; pass "
+        "beta_1 ** (step + 1) with beta_1 < 1.");
+  }
+  if (IsNegativeValue(beta1_power) || IsAtLeastOneValue(beta1_power)) {
+    return errors::InvalidArgument(
+        "Input 'beta1_power' must be in [0, 1), got ", beta1_power,
+        ": it is beta_1 ** (step + 1) with beta_1 in [0, 1) and step >= 0. The variables "
+        "were not updated.");
+  }
+  if (IsNegativeValue(beta2_power) || IsAboveOneValue(beta2_power)) {
+    return errors::InvalidArgument(
+        "Input 'beta2_power' must be in [0, 1], got ", beta2_power,
+        ": it is beta_2 ** (step + 1) with beta_2 in [0, 1) and step >= 0. The variables "
+        "were not updated.");
+  }
+  return absl::OkStatus();
+}
+
+// Adam's step size alpha = lr * sqrt(1 - beta2_power) / (1 - beta1_power) must
+// be finite: a learning rate near the float32 maximum overflows it to Inf, and
+// every weight would become -Inf or NaN.
+inline absl::Status CheckAdamStepSize(float alpha, float lr, float beta1_power,
+                                      float beta2_power) {
+  if (!IsFiniteValue(alpha)) {
+    return errors::InvalidArgument(
+        "Adam's step size lr * sqrt(1 - beta2_power) / (1 - beta1_power) = ", alpha,
+        " is not finite (input 'lr' = ", lr, ", 'beta1_power' = ", beta1_power,
+        ", 'beta2_power' = ", beta2_power,
+        "): lower the learning rate. The variables were not updated.");
+  }
+  return absl::OkStatus();
+}
+
+inline absl::Status CheckLionBetas(float beta1, float beta2) {
+  if (IsNegativeValue(beta1) || IsAboveOneValue(beta1) || IsNegativeValue(beta2) ||
+      IsAboveOneValue(beta2)) {
+    return errors::InvalidArgument("Inputs 'beta1' and 'beta2' must be in [0, 1], got ", beta1,
+                                   " and ", beta2, ". The variables were not updated.");
+  }
+  return absl::OkStatus();
+}
+
 // Scalar inputs are registered with .HostMemory on every device: these reads
 // are host reads.
 inline absl::Status ReadFiniteScalar(OpKernelContext* ctx, const char* name, float* value,
@@ -95,14 +212,7 @@ inline absl::Status ReadFiniteScalar(OpKernelContext* ctx, const char* name, flo
                                    t->shape().DebugString(), ".");
   }
   *value = t->scalar<float>()();
-  if (!std::isfinite(*value) || (non_negative && *value < 0.0f)) {
-    return errors::InvalidArgument(
-        "Input '", name, "' must be a finite", non_negative ? ", non-negative" : "",
-        " number, got ", *value,
-        ". Check the optimizer's hyperparameters and learning-rate schedule; the "
-        "variables were not updated.");
-  }
-  return absl::OkStatus();
+  return CheckFiniteValue(name, *value, non_negative);
 }
 
 inline absl::Status ReadInt64Scalar(OpKernelContext* ctx, const char* name, int64_t* value) {
@@ -155,6 +265,23 @@ class LockedVariables {
       entries_.push_back(Entry{name, handle, std::move(var)});
     }
     if (count) *count = stop - start;
+    return absl::OkStatus();
+  }
+
+  // Every input names a different variable: the same variable in two roles
+  // (compensation = var, m = v, accum = var, ...) would have each element read
+  // and written twice by one update. Refused, naming both inputs.
+  absl::Status CheckDistinct() const {
+    for (size_t a = 0; a < entries_.size(); ++a) {
+      for (size_t b = a + 1; b < entries_.size(); ++b) {
+        if (entries_[a].var.get() != entries_[b].var.get()) continue;
+        return errors::InvalidArgument(
+            "Inputs '", entries_[a].input, "' and '", entries_[b].input,
+            "' are the same variable ('", entries_[a].handle.name(),
+            "'): the weight, each optimizer slot and the compensation buffer must be "
+            "different variables. Nothing was updated.");
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -299,6 +426,9 @@ inline absl::Status ReadSgdScalars(OpKernelContext* ctx, bool use_momentum, bool
 
 inline absl::Status ReadAdamScalars(OpKernelContext* ctx, tf_bf16::AdamScalars* p) {
   float beta1_power, beta2_power;
+  int64_t step;
+  TF_RETURN_IF_ERROR(ReadInt64Scalar(ctx, "step", &step));
+  TF_RETURN_IF_ERROR(CheckAdamStep(step));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta1_power", &beta1_power));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta2_power", &beta2_power));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "lr", &p->lr, /*non_negative=*/true));
@@ -306,23 +436,13 @@ inline absl::Status ReadAdamScalars(OpKernelContext* ctx, tf_bf16::AdamScalars* 
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "one_minus_beta2", &p->one_minus_beta2));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "epsilon", &p->epsilon, /*non_negative=*/true));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "weight_decay", &p->weight_decay));
-  if (!(p->one_minus_beta1 > 0.0f && p->one_minus_beta1 <= 1.0f) ||
-      !(p->one_minus_beta2 > 0.0f && p->one_minus_beta2 <= 1.0f)) {
-    return errors::InvalidArgument(
-        "Inputs 'one_minus_beta1' and 'one_minus_beta2' must be in (0, 1], got ",
-        p->one_minus_beta1, " and ", p->one_minus_beta2,
-        ": beta_1 and beta_2 must be in [0, 1) (beta 1 never updates the moment; beta > 1 "
-        "diverges). The variables were not updated.");
-  }
-  if (beta1_power == 1.0f) {
-    return errors::InvalidArgument(
-        "Input 'beta1_power' is 1, which divides the bias correction by zero; pass "
-        "beta_1 ** (step + 1) with beta_1 < 1.");
-  }
+  TF_RETURN_IF_ERROR(CheckOneMinusBetas(p->one_minus_beta1, p->one_minus_beta2));
+  TF_RETURN_IF_ERROR(CheckBiasCorrectionPowers(beta1_power, beta2_power));
   // Scalar math in float32, in the order of tf.raw_ops.ResourceApplyAdam, on
   // the host for every device; 1 - beta comes from the caller, computed as
   // Keras computes it (docs/rounding.md 5.3).
   p->alpha = p->lr * std::sqrt(1.0f - beta2_power) / (1.0f - beta1_power);
+  TF_RETURN_IF_ERROR(CheckAdamStepSize(p->alpha, p->lr, beta1_power, beta2_power));
   p->weight_decay_mask = tf_bf16::MaskOf(p->weight_decay != 0.0f);
   return absl::OkStatus();
 }
@@ -332,11 +452,7 @@ inline absl::Status ReadLionScalars(OpKernelContext* ctx, tf_bf16::LionScalars* 
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta1", &p->beta1));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "beta2", &p->beta2));
   TF_RETURN_IF_ERROR(ReadFiniteScalar(ctx, "weight_decay", &p->weight_decay));
-  if (!(p->beta1 >= 0.0f && p->beta1 <= 1.0f && p->beta2 >= 0.0f && p->beta2 <= 1.0f)) {
-    return errors::InvalidArgument("Inputs 'beta1' and 'beta2' must be in [0, 1], got ",
-                                   p->beta1, " and ", p->beta2,
-                                   ". The variables were not updated.");
-  }
+  TF_RETURN_IF_ERROR(CheckLionBetas(p->beta1, p->beta2));
   p->one_minus_beta1 = 1.0f - p->beta1;
   p->one_minus_beta2 = 1.0f - p->beta2;
   p->weight_decay_mask = tf_bf16::MaskOf(p->weight_decay != 0.0f);

@@ -419,6 +419,7 @@ class RoundedAssignAddOp : public OpKernel {
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "var"));
     OP_REQUIRES_OK(ctx, vars.Add(ctx, "compensation", &num_compensation));
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -465,6 +466,7 @@ class ApplySgdOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::SgdScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadSgdScalars(ctx, num_accum == 1, use_nesterov_, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -515,6 +517,7 @@ class ApplyAdamOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::AdamScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadAdamScalars(ctx, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -563,6 +566,7 @@ class ApplyLionOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::LionScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadLionScalars(ctx, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -613,6 +617,7 @@ class SparseApplySgdOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::SgdScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadSgdScalars(ctx, num_accum == 1, use_nesterov_, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();
@@ -671,6 +676,7 @@ class SparseApplyAdamOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype, num_compensation));
     tf_bf16::AdamScalars p;
     OP_REQUIRES_OK(ctx, bf16_ops::ReadAdamScalars(ctx, &p));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     vars.LockAll();
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype, nullptr));
     const TensorShape shape = vars.Get("var")->shape();

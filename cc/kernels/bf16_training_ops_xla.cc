@@ -29,10 +29,12 @@
 #include <string>
 #include <vector>
 
+#include "bf16_training_op_helpers.h"
 #include "bf16_update_math.h"
 #include "bf16_update_math_xla.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
 #include "tensorflow/compiler/tf2xla/xla_op_registry.h"
+#include "tensorflow/compiler/tf2xla/xla_resource.h"
 #include "tensorflow/core/framework/kernel_def.pb.h"
 #include "tensorflow/core/framework/kernel_def_builder.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -57,21 +59,8 @@ using xla::XlaOp;
 
 constexpr int64_t kTwoTo32 = int64_t{1} << 32;
 
-absl::Status ParseRounding(OpKernelConstruction* ctx, Rounding* rounding) {
-  std::string name;
-  TF_RETURN_IF_ERROR(ctx->GetAttr("rounding", &name));
-  if (name == "nearest") {
-    *rounding = Rounding::kNearest;
-  } else if (name == "stochastic") {
-    *rounding = Rounding::kStochastic;
-  } else if (name == "kahan") {
-    *rounding = Rounding::kKahan;
-  } else {
-    return errors::InvalidArgument("Unknown rounding '", name,
-                                   "'; use 'nearest', 'stochastic' or 'kahan'.");
-  }
-  return absl::OkStatus();
-}
+using bf16_ops::CheckCompensationCount;
+using bf16_ops::ParseRounding;
 
 xla::PrimitiveType StorageType(DataType dtype) {
   return dtype == DT_BFLOAT16 ? xla::U16 : xla::U32;
@@ -79,8 +68,9 @@ xla::PrimitiveType StorageType(DataType dtype) {
 
 // ---------------------------------------------------------------------------
 // Validation, the CPU kernel's checks (cc/kernels/bf16_training_ops.cc) with
-// its messages: at compile time where the value is known then, else folded
-// into a run-time validity predicate.
+// its messages: at compile time where the value is known then (with the
+// kernels' own check functions, bf16_training_op_helpers.h), else folded into
+// a run-time validity predicate that decides exactly as those functions do.
 
 // Exact IEEE comparisons of a float32 scalar with 0 and 1, on its bits: the
 // same answer on every device, denormals-are-zero or not.
@@ -94,11 +84,15 @@ XlaOp IsNegative(const Hlo& h, XlaOp x) {  // x < 0 (false for -0 and NaN)
                   xla::And(xla::Ne(xla::And(u, h.U32(tf_bf16::xla_math::kAbsMask)), h.U32(0)),
                            xla::Not(h.IsNanBits(u))));
 }
-XlaOp IsOne(const Hlo& h, XlaOp x) { return xla::Eq(Hlo::Bits(x), h.U32(0x3F800000u)); }
 XlaOp IsAboveOne(const Hlo& h, XlaOp x) {  // x > 1, for finite x
   XlaOp u = Hlo::Bits(x);
   return xla::And(xla::Eq(xla::And(u, h.U32(tf_bf16::xla_math::kSignMask)), h.U32(0)),
                   xla::Gt(u, h.U32(0x3F800000u)));
+}
+XlaOp IsAtLeastOne(const Hlo& h, XlaOp x) {  // x >= 1, for finite x
+  XlaOp u = Hlo::Bits(x);
+  return xla::And(xla::Eq(xla::And(u, h.U32(tf_bf16::xla_math::kSignMask)), h.U32(0)),
+                  xla::Ge(u, h.U32(0x3F800000u)));
 }
 
 class Validation {
@@ -119,19 +113,25 @@ class Validation {
     double constant;
     if (ctx_->ConstantInputAsFloatScalar(index, &constant).ok()) {
       const float value = static_cast<float>(constant);
-      if (!std::isfinite(value) || (non_negative && value < 0.0f)) {
-        return errors::InvalidArgument(
-            "Input '", name, "' must be a finite", non_negative ? ", non-negative" : "",
-            " number, got ", value,
-            ". Check the optimizer's hyperparameters and learning-rate schedule; the "
-            "variables were not updated.");
-      }
+      TF_RETURN_IF_ERROR(bf16_ops::CheckFiniteValue(name, value, non_negative));
       constants_[name] = value;
       return x;
     }
     Require(IsFinite(h_, x));
     if (non_negative) Require(xla::Not(IsNegative(h_, x)));
     return x;
+  }
+
+  // Adam's step (int64): >= 0, as bf16_ops::CheckAdamStep.
+  absl::Status AdamStep() {
+    int index;
+    TF_ASSIGN_OR_RETURN(index, InputIndex("step"));
+    int64_t constant;
+    if (ctx_->ConstantInputAsIntScalar(index, &constant).ok()) {
+      return bf16_ops::CheckAdamStep(constant);
+    }
+    Require(xla::Ge(ctx_->Input(index), xla::ConstantR0<int64_t>(ctx_->builder(), 0)));
+    return absl::OkStatus();
   }
 
   // The value of a scalar read by Scalar(), if it was a compile-time constant.
@@ -160,23 +160,6 @@ class Validation {
   XlaOp valid_;
   std::map<std::string, float> constants_;
 };
-
-absl::Status CheckCompensationCount(Rounding rounding, DataType dtype, int count) {
-  if (rounding == Rounding::kKahan && dtype == DT_BFLOAT16 && count != 1) {
-    return errors::InvalidArgument(
-        "rounding='kahan' on a bfloat16 variable needs exactly one compensation "
-        "variable (bfloat16, the variable's shape, initialized to zeros); got ",
-        count, ".");
-  }
-  if ((rounding != Rounding::kKahan || dtype != DT_BFLOAT16) && count != 0) {
-    return errors::InvalidArgument(
-        "A compensation variable is only used with rounding='kahan' on a bfloat16 "
-        "variable; got ",
-        count, " with this rounding and dtype ", DataTypeString(dtype),
-        ". Remove it, or use rounding='kahan'.");
-  }
-  return absl::OkStatus();
-}
 
 // The resource variables an update reads and writes, in the order the element
 // math takes them: var, its slots in input order, then the compensation.
@@ -222,6 +205,28 @@ class Variables {
                                        "updated.");
       }
       e.dtype = dtype;
+    }
+    return absl::OkStatus();
+  }
+
+  // Every input names a different variable, as LockedVariables::CheckDistinct
+  // (the same resource in two roles resolves to one XlaResource).
+  absl::Status CheckDistinct() const {
+    std::vector<XlaResource*> resources;
+    for (const Entry& e : entries_) {
+      XlaResource* resource;
+      TF_RETURN_IF_ERROR(ctx_->GetResourceInput(e.index, &resource));
+      resources.push_back(resource);
+    }
+    for (size_t a = 0; a < entries_.size(); ++a) {
+      for (size_t b = a + 1; b < entries_.size(); ++b) {
+        if (resources[a] != resources[b]) continue;
+        return errors::InvalidArgument(
+            "Inputs '", entries_[a].input, "' and '", entries_[b].input,
+            "' are the same variable ('", resources[a]->name(),
+            "'): the weight, each optimizer slot and the compensation buffer must be "
+            "different variables. Nothing was updated.");
+      }
     }
     return absl::OkStatus();
   }
@@ -596,6 +601,7 @@ class XlaRoundedAssignAddOp : public XlaOpKernel {
     auto num_compensation = vars.Add("compensation");
     OP_REQUIRES_OK(ctx, num_compensation.status());
     OP_REQUIRES_OK(ctx, CheckCompensationCount(rounding_, dtype_, *num_compensation));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype_));
     OP_REQUIRES_OK(ctx, vars.Check("compensation", DT_BFLOAT16));
     int delta_index, unused;
@@ -643,6 +649,7 @@ class XlaApplySgdOp : public XlaOpKernel {
     OP_REQUIRES(ctx, !use_nesterov_ || *num_accum == 1,
                 errors::InvalidArgument(
                     "use_nesterov=True needs a momentum accumulator ('accum')."));
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype_));
     OP_REQUIRES_OK(ctx, vars.Check("accum", dtype_));
     OP_REQUIRES_OK(ctx, vars.Check("compensation", DT_BFLOAT16));
@@ -691,15 +698,10 @@ absl::StatusOr<std::vector<XlaOp>> AdamScalars(Validation& check, const Hlo& h) 
   }
   const XlaOp beta1_power = in[0], beta2_power = in[1], lr = in[2], one_minus_beta1 = in[3],
               one_minus_beta2 = in[4], epsilon = in[5], weight_decay = in[6];
-  float omb1, omb2, b1p;
+  TF_RETURN_IF_ERROR(check.AdamStep());
+  float omb1, omb2, b1p, b2p, lr_value;
   if (check.Constant("one_minus_beta1", &omb1) && check.Constant("one_minus_beta2", &omb2)) {
-    if (!(omb1 > 0.0f && omb1 <= 1.0f) || !(omb2 > 0.0f && omb2 <= 1.0f)) {
-      return errors::InvalidArgument(
-          "Inputs 'one_minus_beta1' and 'one_minus_beta2' must be in (0, 1], got ", omb1,
-          " and ", omb2,
-          ": beta_1 and beta_2 must be in [0, 1) (beta 1 never updates the moment; beta > 1 "
-          "diverges). The variables were not updated.");
-    }
+    TF_RETURN_IF_ERROR(bf16_ops::CheckOneMinusBetas(omb1, omb2));
   } else {
     for (XlaOp one_minus_beta : {one_minus_beta1, one_minus_beta2}) {
       // (0, 1]: not negative, not +-0, not above 1 (the scalar is finite).
@@ -709,20 +711,27 @@ absl::StatusOr<std::vector<XlaOp>> AdamScalars(Validation& check, const Hlo& h) 
                                      xla::Or(is_zero, IsAboveOne(h, one_minus_beta)))));
     }
   }
-  if (check.Constant("beta1_power", &b1p)) {
-    if (b1p == 1.0f) {
-      return errors::InvalidArgument(
-          "Input 'beta1_power' is 1, which divides the bias correction by zero; pass "
-          "beta_1 ** (step + 1) with beta_1 < 1.");
-    }
+  const bool constant_powers =
+      check.Constant("beta1_power", &b1p) && check.Constant("beta2_power", &b2p);
+  if (constant_powers) {
+    TF_RETURN_IF_ERROR(bf16_ops::CheckBiasCorrectionPowers(b1p, b2p));
   } else {
-    check.Require(xla::Not(IsOne(h, beta1_power)));
+    // beta1_power in [0, 1), beta2_power in [0, 1].
+    check.Require(xla::Not(xla::Or(IsNegative(h, beta1_power), IsAtLeastOne(h, beta1_power))));
+    check.Require(xla::Not(xla::Or(IsNegative(h, beta2_power), IsAboveOne(h, beta2_power))));
   }
   const Value one = h.F32(1.0f);
   // lr * sqrt(1 - beta2_power) / (1 - beta1_power), in that order.
   const Value alpha =
       h.Div(h.Mul(ScalarValue(lr), h.Sqrt(h.Sub(one, ScalarValue(beta2_power)))),
             h.Sub(one, ScalarValue(beta1_power)));
+  if (constant_powers && check.Constant("lr", &lr_value)) {
+    // As the kernels compute it (ReadAdamScalars), on the host.
+    const float constant_alpha = lr_value * std::sqrt(1.0f - b2p) / (1.0f - b1p);
+    TF_RETURN_IF_ERROR(bf16_ops::CheckAdamStepSize(constant_alpha, lr_value, b1p, b2p));
+  } else {
+    check.Require(IsFinite(h, alpha.op));
+  }
   return std::vector<XlaOp>{lr,
                             alpha.op,
                             one_minus_beta1,
@@ -759,6 +768,7 @@ class XlaApplyAdamOp : public XlaOpKernel {
     Hlo h(ctx->builder());
     auto scalars = AdamScalars(check, h);
     OP_REQUIRES_OK(ctx, scalars.status());
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype_));
     for (const char* slot : {"m", "v", "vhat"}) OP_REQUIRES_OK(ctx, vars.Check(slot, dtype_));
     OP_REQUIRES_OK(ctx, vars.Check("compensation", DT_BFLOAT16));
@@ -812,14 +822,13 @@ class XlaApplyLionOp : public XlaOpKernel {
     }
     float b1, b2;
     if (check.Constant("beta1", &b1) && check.Constant("beta2", &b2)) {
-      OP_REQUIRES(ctx, b1 >= 0.0f && b1 <= 1.0f && b2 >= 0.0f && b2 <= 1.0f,
-                  errors::InvalidArgument("Inputs 'beta1' and 'beta2' must be in [0, 1], got ",
-                                          b1, " and ", b2, ". The variables were not updated."));
+      OP_REQUIRES_OK(ctx, bf16_ops::CheckLionBetas(b1, b2));
     } else {
       for (XlaOp beta : {in[1], in[2]}) {
         check.Require(xla::Not(xla::Or(IsNegative(h, beta), IsAboveOne(h, beta))));
       }
     }
+    OP_REQUIRES_OK(ctx, vars.CheckDistinct());
     OP_REQUIRES_OK(ctx, vars.Check("var", dtype_));
     OP_REQUIRES_OK(ctx, vars.Check("m", dtype_));
     OP_REQUIRES_OK(ctx, vars.Check("compensation", DT_BFLOAT16));

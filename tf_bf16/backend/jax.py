@@ -46,6 +46,24 @@ def _assign(targets, new_values):
         targets[role].assign(value)
 
 
+def _check_distinct(**roles):
+    """The Keras variables of one update are different variables (as tf_bf16.ops
+    requires): the same one in two roles would be assigned twice, the last write
+    winning. (`tf_bf16.jax_ops`, a pure function of arrays, accepts one array in
+    several roles: `m = v = jnp.zeros_like(w)` is a fine initial state.)"""
+    seen = {}
+    for role, variable in roles.items():
+        if variable is None:
+            continue
+        for other_role, other in seen.items():
+            if variable is other:
+                raise ValueError(
+                    f"'{other_role}' and '{role}' are the same variable ('{_path(variable)}'): "
+                    "the weight, each optimizer slot and the compensation buffer must be "
+                    "different variables. Nothing was updated.")
+        seen[role] = variable
+
+
 def stochastic_round(x, seed, step=0, var_id=0, name=None):
     """`jax_ops.stochastic_round`; the rounding has no gradient (stop_gradient)."""
     return jax_ops.stochastic_round(lax.stop_gradient(_value(x)), seed, _value(step),
@@ -54,19 +72,21 @@ def stochastic_round(x, seed, step=0, var_id=0, name=None):
 
 def rounded_assign_add(variable, delta, rounding="stochastic", compensation=None, seed=0,
                        step=0, var_id=0, name=None):
+    _check_distinct(variable=variable, compensation=compensation)
     new = jax_ops.rounded_assign_add(
         variable.value, _value(delta), rounding=rounding, compensation=_value(compensation),
-        seed=seed, step=_value(step), var_id=var_id, name=_path(variable))
+        seed=_value(seed), step=_value(step), var_id=var_id, name=_path(variable))
     _assign({"variable": variable, "compensation": compensation}, new)
 
 
 def apply_sgd(variable, gradient, learning_rate, momentum=0.0, accumulator=None,
               nesterov=False, weight_decay=0.0, rounding="stochastic", compensation=None,
               seed=0, step=0, var_id=0, name=None):
+    _check_distinct(variable=variable, accumulator=accumulator, compensation=compensation)
     new = jax_ops.apply_sgd(
         variable.value, gradient, _value(learning_rate), momentum=_value(momentum),
         accumulator=_value(accumulator), nesterov=nesterov, weight_decay=_value(weight_decay),
-        rounding=rounding, compensation=_value(compensation), seed=seed, step=_value(step),
+        rounding=rounding, compensation=_value(compensation), seed=_value(seed), step=_value(step),
         var_id=var_id, name=_path(variable))
     _assign({"variable": variable, "accumulator": accumulator, "compensation": compensation},
             new)
@@ -75,11 +95,12 @@ def apply_sgd(variable, gradient, learning_rate, momentum=0.0, accumulator=None,
 def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999,
                epsilon=1e-7, step=0, vhat=None, weight_decay=0.0, rounding="stochastic",
                compensation=None, seed=0, var_id=0, name=None):
+    _check_distinct(variable=variable, m=m, v=v, vhat=vhat, compensation=compensation)
     new = jax_ops.apply_adam(
         variable.value, gradient, m.value, v.value, _value(learning_rate),
         beta_1=_value(beta_1), beta_2=_value(beta_2), epsilon=_value(epsilon),
         step=_value(step), vhat=_value(vhat), weight_decay=_value(weight_decay),
-        rounding=rounding, compensation=_value(compensation), seed=seed, var_id=var_id,
+        rounding=rounding, compensation=_value(compensation), seed=_value(seed), var_id=var_id,
         name=_path(variable))
     _assign({"variable": variable, "m": m, "v": v, "vhat": vhat, "compensation": compensation},
             new)
@@ -88,10 +109,11 @@ def apply_adam(variable, gradient, m, v, learning_rate, beta_1=0.9, beta_2=0.999
 def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
                weight_decay=0.0, rounding="stochastic", compensation=None, seed=0, step=0,
                var_id=0, name=None):
+    _check_distinct(variable=variable, m=m, compensation=compensation)
     new = jax_ops.apply_lion(
         variable.value, gradient, m.value, _value(learning_rate), beta_1=_value(beta_1),
         beta_2=_value(beta_2), weight_decay=_value(weight_decay), rounding=rounding,
-        compensation=_value(compensation), seed=seed, step=_value(step), var_id=var_id,
+        compensation=_value(compensation), seed=_value(seed), step=_value(step), var_id=var_id,
         name=_path(variable))
     _assign({"variable": variable, "m": m, "compensation": compensation}, new)
 
@@ -101,8 +123,9 @@ def is_sparse(gradient):
     return False
 
 
-def dense_gradient(gradient):
-    return gradient
+def dense_gradient(gradient, variable=None, learning_rate=None):
+    """JAX gradients are dense already; the same results as on TensorFlow."""
+    return gradient if learning_rate is None else (gradient, learning_rate)
 
 
 def deduplicated_slices(gradient):
@@ -114,14 +137,14 @@ def moving_average(average, variable, ema_momentum, iterations, rounding, seed, 
     not_first_step = (jnp.asarray(_value(iterations)) != 0).astype(jnp.float32)
     momentum = not_first_step * jnp.float32(ema_momentum)   # 0 or float32(ema_momentum): exact
     new = jax_ops.moving_average(average.value, variable.value, momentum, rounding=rounding,
-                                 seed=seed, step=_value(step), var_id=var_id,
+                                 seed=_value(seed), step=_value(step), var_id=var_id,
                                  name=_path(average))
     average.assign(new["variable"])
 
 
 def accumulate_gradient(accumulator, gradient, rounding, seed, step, var_id):
     """accumulator += gradient, rounded (bf16/float32 accumulators)."""
-    rounded_assign_add(accumulator, gradient, rounding=rounding, seed=seed, step=step,
+    rounded_assign_add(accumulator, gradient, rounding=rounding, seed=_value(seed), step=step,
                        var_id=var_id)
 
 
@@ -168,7 +191,7 @@ def apply_gradients_accumulating(optimizer, grads, trainable_variables):
         if accumulator.dtype in ("bfloat16", "float32"):
             accumulated.append(jax_ops.rounded_assign_add(
                 accumulator.value, gradient, rounding=optimizer._state_rounding(),
-                seed=optimizer.seed, step=iterations,
+                seed=_value(optimizer.rounding_seed), step=iterations,
                 var_id=index + GRADIENT_ACCUMULATOR_STREAM)["variable"])
         else:
             accumulated.append(gradient + accumulator.value)
@@ -220,19 +243,28 @@ def optimizer_state(optimizer, optimizer_variables):
         _OPTIMIZER_STATE.reset(token)
 
 
-def statistics_step(optimizer):
-    """The step that keys BatchNormalization statistics: `optimizer.iterations`,
-    read from the train step's traced optimizer state when there is one."""
+def _traced_optimizer_value(optimizer, variable):
+    """`variable`'s value in the train step's traced optimizer state, else its value."""
     state = _OPTIMIZER_STATE.get()
-    if state is None or state[0] is not optimizer:
-        return optimizer.iterations
-    values = state[1]
-    for variable, value in zip(optimizer.variables, values):
-        if variable is optimizer._iterations:
-            if optimizer.gradient_accumulation_steps:   # as the `iterations` property
-                return jnp.floor_divide(value, optimizer.gradient_accumulation_steps)
-            return value
-    return optimizer.iterations
+    if state is not None and state[0] is optimizer:
+        for candidate, value in zip(optimizer.variables, state[1]):
+            if candidate is variable:
+                return value
+    return variable.value
+
+
+def statistics_step(optimizer):
+    """The step that keys BatchNormalization statistics: the optimizer's raw
+    iteration counter (which advances every micro-step under gradient
+    accumulation), read from the train step's traced optimizer state when
+    there is one."""
+    return _traced_optimizer_value(optimizer, optimizer._iterations)
+
+
+def statistics_seed(optimizer):
+    """The seed of BatchNormalization statistics: a tf_bf16 optimizer's
+    `rounding_seed` (traced in the train step, so a restored seed is used)."""
+    return _traced_optimizer_value(optimizer, optimizer.rounding_seed)
 
 
 def is_float32_tensor(value):

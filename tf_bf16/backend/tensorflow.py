@@ -8,6 +8,8 @@ import functools
 
 import tensorflow as tf
 
+from tf_bf16 import _args
+
 from tf_bf16.ops import apply_adam  # noqa: F401
 from tf_bf16.ops import apply_lion  # noqa: F401
 from tf_bf16.ops import apply_sgd  # noqa: F401
@@ -19,12 +21,18 @@ def is_sparse(gradient):
     return isinstance(gradient, tf.IndexedSlices)
 
 
-def dense_gradient(gradient):
-    """IndexedSlices -> dense float32 tensor (duplicate rows summed in float32)."""
+def dense_gradient(gradient, variable=None, learning_rate=None):
+    """IndexedSlices -> dense float32 tensor (duplicate rows summed in float32), its
+    indices checked against the variable's rows first (`_args.densified`: a bad
+    index raises naming 'indices'; under XLA it makes `learning_rate` NaN, which
+    skips the update). Returns the gradient, or (gradient, learning rate) when
+    `learning_rate` is given."""
     if isinstance(gradient, tf.IndexedSlices):
-        return tf.convert_to_tensor(tf.IndexedSlices(
-            tf.cast(gradient.values, tf.float32), gradient.indices, gradient.dense_shape))
-    return gradient
+        rows = None
+        if variable is not None and len(variable.shape) > 0:
+            rows = variable.shape[0]
+        gradient, learning_rate = _args.densified(gradient, rows, learning_rate)
+    return gradient if learning_rate is None else (gradient, learning_rate)
 
 
 def deduplicated_slices(gradient):
@@ -58,8 +66,16 @@ def is_float32_tensor(value):
 
 
 def statistics_step(optimizer):
-    """The step that keys BatchNormalization statistics: the optimizer's iterations."""
-    return optimizer.iterations
+    """The step that keys BatchNormalization statistics: the optimizer's raw
+    iteration counter, which advances every micro-step under gradient
+    accumulation (`optimizer.iterations` would repeat a step k times)."""
+    return optimizer._iterations
+
+
+def statistics_seed(optimizer):
+    """The seed of BatchNormalization statistics: a tf_bf16 optimizer's
+    `rounding_seed` variable, read when the step runs (so a restored seed is used)."""
+    return optimizer.rounding_seed
 
 
 def install_training_hook(prepare):

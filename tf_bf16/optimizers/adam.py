@@ -49,9 +49,11 @@ class Adam(base.Bf16Optimizer, keras.optimizers.Adam):
             bfloat16 weight update is rounded. `"kahan"` keeps a bfloat16
             compensation buffer per weight (2 bytes/parameter). The moments
             are rounded stochastically unless `rounding="nearest"`.
-        seed: int or None. Seed of the stochastic rounding. `None` draws one
-            at construction; it is saved in the config, so training resumed
-            from a save is bit-identical.
+        seed: int (a 32-bit signed integer) or None. Seed of the stochastic
+            rounding. `None` draws one at construction. It is kept in the
+            optimizer variable `rounding_seed` (and the config), so training
+            resumed from any checkpoint is bit-identical, the default seed
+            included.
         {{base_optimizer_keyword_args}}
     """
 
@@ -101,9 +103,11 @@ class Adam(base.Bf16Optimizer, keras.optimizers.Adam):
         """One fused, in-place update of `variable` (`tf_bf16.ops.apply_adam`),
         AdamW's decoupled weight decay included."""
         index = self._get_variable_index(variable)
+        # Keras's Adam moves every row's moments: sparse gradients are densified.
+        gradient, learning_rate = base.dense_gradient(gradient, variable, learning_rate)
         ops.apply_adam(
             variable,
-            base.dense_gradient(gradient),  # Keras's Adam moves every row's moments
+            gradient,
             self._momentums[index],
             self._velocities[index],
             learning_rate,

@@ -31,9 +31,11 @@ a run resumed from a checkpoint draws exactly the bits it would have drawn.
 """
 
 import secrets
+import warnings
 import weakref
 
 import keras
+import numpy as np
 from keras.src.optimizers import optimizer as _keras_optimizer
 
 from tf_bf16 import backend
@@ -54,12 +56,25 @@ def check_rounding(rounding):
     return rounding
 
 
+# The seed lives in an int32 optimizer variable (`rounding_seed`), so that a
+# checkpoint restores it: int32 because Keras's JAX backend has no int64
+# variables (JAX without x64), and a .keras file moves between backends.
+SEED_RANGE = (-2**31, 2**31 - 1)
+
+
 def resolve_seed(seed):
-    """An explicit seed, or a fresh random one that is then saved in the config."""
+    """An explicit seed (Python or NumPy integer in SEED_RANGE), or a fresh random one."""
     if seed is None:
         return secrets.randbelow(2**31)
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"Argument `seed` must be an int or None. Received: seed={seed!r}")
+    seed = int(seed)
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise ValueError(
+            f"Argument `seed` must be in [{low}, {high}] (a 32-bit signed integer: the seed "
+            f"is kept in an int32 optimizer variable so that checkpoints restore it). "
+            f"Received: seed={seed}")
     return seed
 
 
@@ -68,10 +83,12 @@ def has_fused_update(variable):
     return keras.backend.standardize_dtype(variable.dtype) in ("bfloat16", "float32")
 
 
-def dense_gradient(gradient):
-    """IndexedSlices -> dense float32 tensor (Keras applies these optimizers densely);
-    dense gradients (all of them on JAX) as they are."""
-    return ops.dense_gradient(gradient)
+def dense_gradient(gradient, variable=None, learning_rate=None):
+    """IndexedSlices -> dense float32 tensor (Keras applies these optimizers densely),
+    indices checked against `variable`'s rows first; dense gradients (all of them
+    on JAX) as they are. With `learning_rate`: (gradient, learning rate), the
+    rate made NaN under XLA when an index is bad (the update is then skipped)."""
+    return ops.dense_gradient(gradient, variable, learning_rate)
 
 
 def deduplicated_slices(gradient):
@@ -95,7 +112,27 @@ class Bf16Optimizer:
     def __init__(self, *, rounding="kahan", seed=None, **kwargs):
         super().__init__(**kwargs)
         self.rounding = check_rounding(rounding)
-        self.seed = resolve_seed(seed)
+        seed = resolve_seed(seed)
+        # Created here, beside Keras's iteration counter, so that it exists before
+        # the first train step reads it (BatchNormalization statistics, before the
+        # optimizer is built) and is restored with every checkpoint of the optimizer.
+        with keras.name_scope(self.name, caller=self):
+            # (Assigning it to an attribute tracks it among the optimizer's variables.)
+            self._rounding_seed = keras.Variable(
+                seed, name="rounding_seed", dtype="int32", trainable=False,
+                aggregation="only_first_replica")
+
+    @property
+    def seed(self):
+        """The seed of the stochastic rounding, as a Python int: the value of the
+        `rounding_seed` variable, which checkpoints restore (the config's seed, or
+        the drawn one, until a checkpoint is loaded)."""
+        return int(np.asarray(self._rounding_seed.numpy()))
+
+    @property
+    def rounding_seed(self):
+        """The int32 variable holding the seed; the ops read it at run time."""
+        return self._rounding_seed
 
     def build(self, variables):
         """Creates Keras's slots, then the Kahan compensation buffers."""
@@ -137,7 +174,78 @@ class Bf16Optimizer:
         """Keyword arguments of the fused ops for this variable."""
         index = self._get_variable_index(variable)
         return dict(rounding=self.rounding, compensation=self._compensations[index],
-                    seed=self.seed, var_id=index)
+                    seed=self._rounding_seed, var_id=index)
+
+    def _tf_bf16_state(self):
+        """The variables tf_bf16 adds to Keras's: the seed and the Kahan buffers."""
+        return [self._rounding_seed] + [
+            c for c in getattr(self, "_compensations", []) if c is not None]
+
+    def load_own_variables(self, store):
+        """Keras's loading, plus the layouts saved without tf_bf16's own state.
+
+        A built optimizer loads (by position, as Keras does) a store with all of
+        its variables; one without the `rounding_seed` variable (tf_bf16 before
+        the seed became a variable), keeping this optimizer's seed; or one with
+        only Keras's variables (a stock Keras optimizer, e.g. `keras.optimizers.Adam`
+        of a mixed-precision model), keeping the seed and starting every Kahan
+        buffer at zero. Values saved in another dtype (float32 slots of a
+        mixed-precision model) are rounded to nearest. Every such conversion is
+        reported with a warning; any other count or shape is refused (Keras would
+        skip the optimizer's state with a warning and train on zeroed slots).
+        Like Keras, the state is matched by position: a state of another
+        optimizer with as many variables of the same shapes cannot be told apart.
+        """
+        count = len(store.keys())
+        if not self.built or count == len(self.variables):
+            return super().load_own_variables(store)
+        ours = {id(v) for v in self._tf_bf16_state()}
+        kahan = [v for v in self._tf_bf16_state() if v is not self._rounding_seed]
+        without_seed = [v for v in self.variables if v is not self._rounding_seed]
+        keras_only = [v for v in self.variables if id(v) not in ours]
+        if count == len(without_seed):
+            targets, zeroed = without_seed, []
+        elif count == len(keras_only):
+            targets, zeroed = keras_only, kahan
+        else:
+            raise ValueError(
+                f"Cannot load the state of optimizer '{self.name}' "
+                f"({type(self).__name__}, rounding={self.rounding!r}): the saved optimizer "
+                f"has {count} variables, this one {len(self.variables)} ({len(keras_only)} "
+                f"of Keras's, {len(kahan)} Kahan buffers and the rounding seed). Was it "
+                "saved with another optimizer class, other arguments (amsgrad, momentum, "
+                "use_ema, gradient_accumulation_steps) or another model? Nothing was loaded.")
+        values = [np.asarray(store[str(i)]) for i in range(count)]
+        for i, (value, variable) in enumerate(zip(values, targets)):
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"Cannot load the state of optimizer '{self.name}': saved variable {i} "
+                    f"has shape {value.shape}, '{variable.path}' has {tuple(variable.shape)}. "
+                    "Nothing was loaded.")
+        converted = []
+        for value, variable in zip(values, targets):
+            saved_dtype = keras.backend.standardize_dtype(value.dtype)
+            if saved_dtype != keras.backend.standardize_dtype(variable.dtype):
+                converted.append(f"{variable.path} ({saved_dtype} -> {variable.dtype})")
+                value = keras.ops.cast(value, variable.dtype)
+            variable.assign(value)
+        for buffer in zeroed:
+            buffer.assign(keras.ops.zeros(buffer.shape, buffer.dtype))
+        notes = [f"the rounding seed was not saved: this optimizer's seed {self.seed} is used "
+                 "(pass the seed of the saved run, from its .keras config, to continue its "
+                 "random streams)"]
+        if zeroed:
+            notes.append(f"{len(zeroed)} Kahan compensation buffer(s) were not saved and "
+                         "start at zero (the low bits they would hold, at most half a "
+                         "bfloat16 ulp per weight, are lost once)")
+        if converted:
+            notes.append(f"{len(converted)} variable(s) were saved in another dtype and "
+                         "rounded to nearest: " + ", ".join(converted[:8])
+                         + (" ..." if len(converted) > 8 else ""))
+        warnings.warn(
+            f"tf_bf16: loaded optimizer '{self.name}' from a state saved without tf_bf16's "
+            f"variables ({count} of {len(self.variables)}); " + "; ".join(notes) + ".",
+            stacklevel=2)
 
     def _weight_decay_for(self, variable):
         """Decoupled weight decay of this variable (0 if none or excluded)."""
@@ -177,7 +285,7 @@ class Bf16Optimizer:
                 average.assign(momentum * average + (1 - momentum) * var)
                 continue
             ops.moving_average(average, var, self.ema_momentum, self.iterations,
-                               rounding=self._state_rounding(), seed=self.seed,
+                               rounding=self._state_rounding(), seed=self._rounding_seed,
                                step=self._iterations, var_id=index + EMA_STREAM)
 
     def _overwrite_model_variables_with_average_value(self, trainable_variables):
@@ -205,5 +313,5 @@ class Bf16Optimizer:
             index = next(i for i, a in enumerate(self._accumulated_gradients)
                          if a is accumulator)
             ops.accumulate_gradient(accumulator, grad, rounding=self._state_rounding(),
-                                    seed=self.seed, step=self._iterations,
+                                    seed=self._rounding_seed, step=self._iterations,
                                     var_id=index + GRADIENT_ACCUMULATOR_STREAM)

@@ -33,8 +33,11 @@ class Lion(base.Bf16Optimizer, keras.optimizers.Lion):
         rounding: `"kahan"` (default), `"stochastic"` or `"nearest"`: how the
             bfloat16 weight update is rounded; the momentum is rounded
             stochastically unless `rounding="nearest"`.
-        seed: int or None. Seed of the stochastic rounding. `None` draws one
-            at construction; it is saved in the config.
+        seed: int (a 32-bit signed integer) or None. Seed of the stochastic
+            rounding. `None` draws one at construction. It is kept in the
+            optimizer variable `rounding_seed` (and the config), so training
+            resumed from any checkpoint is bit-identical, the default seed
+            included.
         {{base_optimizer_keyword_args}}
 
     References:
@@ -82,9 +85,10 @@ class Lion(base.Bf16Optimizer, keras.optimizers.Lion):
 
     def fused_update_step(self, gradient, variable, learning_rate):
         """One fused, in-place update of `variable` (`tf_bf16.ops.apply_lion`)."""
+        gradient, learning_rate = base.dense_gradient(gradient, variable, learning_rate)
         ops.apply_lion(
             variable,
-            base.dense_gradient(gradient),
+            gradient,
             self._momentums[self._get_variable_index(variable)],
             learning_rate,
             beta_1=self.beta_1,

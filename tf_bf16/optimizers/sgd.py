@@ -50,9 +50,11 @@ class SGD(base.Bf16Optimizer, keras.optimizers.SGD):
             needs no memory; `"nearest"` is what plain bfloat16 training does.
             Momentum, EMA and accumulator state is rounded stochastically
             unless `rounding="nearest"`.
-        seed: int or None. Seed of the stochastic rounding. `None` draws one
-            at construction; it is saved in the config, so training resumed
-            from a save is bit-identical.
+        seed: int (a 32-bit signed integer) or None. Seed of the stochastic
+            rounding. `None` draws one at construction. It is kept in the
+            optimizer variable `rounding_seed` (and the config), so training
+            resumed from any checkpoint is bit-identical, the default seed
+            included.
         {{base_optimizer_keyword_args}}
     """
 
@@ -101,13 +103,13 @@ class SGD(base.Bf16Optimizer, keras.optimizers.SGD):
         compensation = self._compensations[index]
         if accumulator is not None or self._weight_decay_for(variable):
             # Momentum or weight decay makes every row move every step, as in Keras.
-            gradient = base.dense_gradient(gradient)
+            gradient, learning_rate = base.dense_gradient(gradient, variable, learning_rate)
         elif compensation is not None:
             # A Kahan step with a zero gradient is not always a no-op (w - c can
             # round to a neighbour of w at a tie): skipping the rows without a
             # gradient would differ from the dense update, and from JAX, whose
             # gradients are dense.
-            gradient = base.dense_gradient(gradient)
+            gradient, learning_rate = base.dense_gradient(gradient, variable, learning_rate)
         elif ops.is_sparse(gradient):
             gradient = base.deduplicated_slices(gradient)
         ops.apply_sgd(
