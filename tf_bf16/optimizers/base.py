@@ -95,6 +95,7 @@ class Bf16Optimizer:
     def __init__(self, *, rounding="kahan", seed=None, **kwargs):
         super().__init__(**kwargs)
         self.rounding = check_rounding(rounding)
+        self._seed_drawn = seed is None
         self.seed = resolve_seed(seed)
 
     def build(self, variables):
@@ -103,6 +104,8 @@ class Bf16Optimizer:
             return
         super().build(variables)
         policy.check_optimizer_variables(self, variables)
+        if self._seed_drawn:   # drawn in each process: every worker takes worker 0's
+            self.seed = ops.agreed_seed(self, self.seed)
         self._compensations = []
         for variable in variables:
             needs_buffer = (self.rounding == "kahan"
@@ -189,6 +192,10 @@ class Bf16Optimizer:
         for var, average in zip(trainable_variables, self._model_variables_moving_average):
             if average is not None:
                 var.assign(keras.ops.copy(average.value))
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        # TensorFlow's optimizer under tf.distribute; bf16 IndexedSlices need help there.
+        return ops.all_reduce_sum_gradients(super()._all_reduce_sum_gradients, grads_and_vars)
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         if self.gradient_accumulation_steps and backend.NAME == "jax":
