@@ -8,7 +8,7 @@ For: the TensorFlow backend under `MirroredStrategy` and
   variable's initial value from worker 0 with `CollectiveBcastSend`, which has
   no bf16 kernel: creating a bf16 model in its scope fails in stock
   TensorFlow 2.21 ("Value for attr 'T' of bfloat16 is not in the list of
-  allowed values"). `install_variable_broadcast` makes the broadcast carry a
+  allowed values"). `install()` makes the broadcast carry a
   bf16 initial value as float16 of the same bits (`tf.bitcast`; a broadcast
   copies bytes, no arithmetic) and turn it back into bf16: no float32 copy.
 - **Sparse gradients.** tf.distribute sums `IndexedSlices` (an Embedding's
@@ -19,8 +19,8 @@ For: the TensorFlow backend under `MirroredStrategy` and
 - **The default seed.** `seed=None` draws a seed in each process; workers
   must round with the same bits: `agreed_seed` takes worker 0's.
 
-Not here: dense gradients, which tf.distribute all-reduces (sums) in bf16
-itself, as Keras asks it to.
+Not here: dense gradients, which tf.distribute all-reduces in their own dtype
+(bf16), as Keras asks it to.
 """
 
 import functools
@@ -68,10 +68,10 @@ def agreed_seed(optimizer, seed):
     strategy = getattr(optimizer, "_distribution_strategy", None) or tf.distribute.get_strategy()
     if _num_workers(strategy) <= 1:
         return seed
-    with strategy.scope():
+    with tf.init_scope(), strategy.scope():   # eagerly, also when built inside a tf.function
         chief_seed = tf.Variable(seed, dtype=tf.int64, trainable=False,
                                  name="tf_bf16_seed_broadcast")
-    return int(chief_seed.numpy())
+        return int(chief_seed.numpy())
 
 
 def _is_bf16(dtype):
