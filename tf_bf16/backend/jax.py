@@ -26,6 +26,7 @@ import functools
 
 import jax.numpy as jnp
 import keras
+import numpy as np
 from jax import lax
 
 from tf_bf16 import jax_ops
@@ -116,6 +117,19 @@ def apply_lion(variable, gradient, m, learning_rate, beta_1=0.9, beta_2=0.99,
         compensation=_value(compensation), seed=_value(seed), step=_value(step), var_id=var_id,
         name=_path(variable))
     _assign({"variable": variable, "m": m, "compensation": compensation}, new)
+
+
+def agreed_seed(optimizer, seed):
+    """`seed` as process 0 drew it, when JAX runs several processes
+    (`jax.distributed`): a default seed is drawn in each process, and replicas
+    of one array must round with the same bits. One process: `seed` unchanged."""
+    import jax
+
+    if jax.process_count() == 1:
+        return seed
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(seed)))
 
 
 def is_sparse(gradient):

@@ -1,7 +1,8 @@
 """The TensorFlow side of tf_bf16.backend: the compiled ops, on Keras variables.
 
 The update functions are `tf_bf16.ops` itself (the C++ kernels update the
-variables in place). Not imported on other backends.
+variables in place). What tf.distribute needs besides is in
+`tf_bf16.backend.tf_distribute`. Not imported on other backends.
 """
 
 import functools
@@ -15,6 +16,11 @@ from tf_bf16.ops import apply_lion  # noqa: F401
 from tf_bf16.ops import apply_sgd  # noqa: F401
 from tf_bf16.ops import rounded_assign_add
 from tf_bf16.ops import stochastic_round  # noqa: F401
+from tf_bf16.backend.tf_distribute import agreed_seed  # noqa: F401
+from tf_bf16.backend.tf_distribute import all_reduce_sum_gradients  # noqa: F401
+from tf_bf16.backend import tf_distribute
+
+tf_distribute.install()   # MultiWorkerMirroredStrategy: bf16 variables
 
 
 def is_sparse(gradient):

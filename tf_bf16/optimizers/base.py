@@ -112,7 +112,9 @@ class Bf16Optimizer:
     def __init__(self, *, rounding="kahan", seed=None, **kwargs):
         super().__init__(**kwargs)
         self.rounding = check_rounding(rounding)
-        seed = resolve_seed(seed)
+        # A drawn seed differs from process to process; build() agrees on one.
+        self._seed_drawn = seed is None
+        seed = self._initial_seed = resolve_seed(seed)
         # Created here, beside Keras's iteration counter, so that it exists before
         # the first train step reads it (BatchNormalization statistics, before the
         # optimizer is built) and is restored with every checkpoint of the optimizer.
@@ -140,6 +142,10 @@ class Bf16Optimizer:
             return
         super().build(variables)
         policy.check_optimizer_variables(self, variables)
+        if self._seed_drawn:   # drawn in each process: every worker takes worker 0's
+            agreed = ops.agreed_seed(self, self._initial_seed)
+            if agreed != self._initial_seed:
+                self._rounding_seed.assign(agreed)
         self._compensations = []
         for variable in variables:
             needs_buffer = (self.rounding == "kahan"
@@ -297,6 +303,10 @@ class Bf16Optimizer:
         for var, average in zip(trainable_variables, self._model_variables_moving_average):
             if average is not None:
                 var.assign(keras.ops.copy(average.value))
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        # TensorFlow's optimizer under tf.distribute; bf16 IndexedSlices need help there.
+        return ops.all_reduce_sum_gradients(super()._all_reduce_sum_gradients, grads_and_vars)
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         if self.gradient_accumulation_steps and backend.NAME == "jax":
