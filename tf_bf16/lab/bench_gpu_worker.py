@@ -116,10 +116,11 @@ def fit_job(job):
 
     class Timer(keras.callbacks.Callback):
         # Only on_train_batch_begin: a callback with on_train_batch_end makes
-        # Keras convert the logs every step, which waits for each step.
+        # Keras convert the logs every step, which waits for each step. And
+        # `self._model`: on JAX, `self.model` copies the state back first.
         def on_train_batch_begin(self, batch, logs=None):
             if batch == 1:
-                marks["synced"] = _block_on_state(self.model)
+                marks["synced"] = _block_on_state(self._model)
                 marks["t0"] = time.perf_counter()
 
     def one_round(count):
