@@ -37,7 +37,7 @@ def test_tensorflow_is_blocked_in_the_scripts_processes():
 def test_accuracy_script_trains_every_variant_without_tensorflow(tmp_path):
     work = tmp_path / "work"
     proc = _script("accuracy_jax.sh", tmp_path / "out",
-                   {"WORK": str(work), "ACC_ARGS": "--reduced --steps 6",
+                   {"WORK": str(work), "ACC_ARGS": "--reduced --steps 8",
                     "ACC_SECONDS": "900"}, timeout=1200)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -47,7 +47,7 @@ def test_accuracy_script_trains_every_variant_without_tensorflow(tmp_path):
     assert list(summary["variants"]) == ["float32", "mixed_bfloat16", "nearest",
                                          "stochastic", "kahan"]
     for variant, r in summary["variants"].items():
-        assert r["finite"] and r["steps"] == 6 and len(r["curve"]) == 6, variant
+        assert r["finite"] and r["steps"] == 8 and len(r["curve"]) == 8, variant
     policies = {v: r["dtype_policy"] for v, r in summary["variants"].items()}
     assert policies["mixed_bfloat16"] == "mixed_bfloat16" and policies["kahan"] == "bfloat16"
     assert summary["variants"]["kahan"]["bytes_per_parameter"] == 8.0
@@ -56,7 +56,7 @@ def test_accuracy_script_trains_every_variant_without_tensorflow(tmp_path):
     table = (tmp_path / "out" / "accuracy.txt").read_text()
     assert "ms/step" in table and "bf16 Kahan" in table
     progress = (tmp_path / "out" / "accuracy.log").read_text()
-    assert "transformer_lm seed 0 bf16 SR: step 6/6 (100%)" in progress
+    assert "transformer_lm seed 0 bf16 SR: step 8/8 (100%)" in progress
     # At most 8 files come back from the device, two folders deep.
     files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
     assert len(files) <= 8, files

@@ -67,7 +67,7 @@ PAUSED = 3
 DEADLINE_MARGIN_S = 15.0
 DEFAULT_FIRST_SEGMENT_S = 60.0
 # Seconds a worker may run past the deadline before the parent stops it.
-KILL_GRACE_S = 60.0
+KILL_GRACE_S = 40.0
 # A conservative rate of saving a checkpoint (device to host, then disk).
 SAVE_BYTES_PER_S = 200e6
 
@@ -97,7 +97,9 @@ def training_config(task, args):
                curve_points_per_epoch=int(view.curve_points_per_epoch or 1),
                sizes={k: v for k, v in sizes.items() if k != "description"},
                description=sizes.get("description"))
-    fraction = named.get("warmup_fraction") if args.learning_rate is None or named else None
+    # A named configuration's warmup and cosine decay keep their shape when the
+    # command line changes the steps or the (peak) learning rate.
+    fraction = named.get("warmup_fraction")
     if fraction:
         total = cfg["epochs"] * cfg["steps_per_epoch"]
         warmup = max(1, round(fraction * total))

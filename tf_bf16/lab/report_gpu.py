@@ -141,7 +141,8 @@ def gpu_markdown(suite, all_tasks, output):
                  "ms/step: median over the fit segments between curve points (the first, "
                  "with compilation, left out) of the segment's time over its steps, blocked "
                  "on the weights. Peak device GiB: JAX's peak_bytes_in_use in the variant's "
-                 "own process (training and evaluation). " + report.variant_notes(variants)
+                 "own process (training, evaluation, and the float32 model it built first "
+                 "for the shared initial weights). " + report.variant_notes(variants)
                  + (" Every variant started from the same initial weights (SHA-256 "
                     "checked across the processes)." if same else
                     " WARNING: the processes built different initial weights.")

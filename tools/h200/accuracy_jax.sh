@@ -8,20 +8,20 @@
 #
 # Writes $OUT/accuracy/results.json, results.md, curves.png, and
 # $OUT/accuracy.txt (the table), $OUT/accuracy.log (timestamped progress), env.txt.
-# Time: ACC_SECONDS (default 510) for compare's --max-minutes, an outer timeout
-# 60 s later, plus installing Keras's wheels: under 9.5 minutes. If the run does
+# Time: ACC_SECONDS (default 500) for compare's --max-minutes, an outer timeout
+# 45 s later, plus installing Keras's wheels: under 9.5 minutes. If the run does
 # not finish in time it saves the running variant's state in $WORK
 # (/tmp/tf_bf16_accuracy, outside $OUT) and exits with status 3; calling this
 # script again on the same machine (while it is still warm) continues from
 # there, bit-identically, and the outputs then hold every variant. A variant that
 # fails is reported and the others go on. ACC_ARGS replaces the configuration
-# (default "--config gpu"; the tests pass "--reduced --steps 6" on a CPU).
+# (default "--config gpu"; the tests pass "--reduced --steps 8" on a CPU).
 set -u
 export PYTHONUNBUFFERED=1 KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=3
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-out/h200_accuracy}"
 WORK="${WORK:-/tmp/tf_bf16_accuracy}"
-ACC_SECONDS="${ACC_SECONDS:-510}"
+ACC_SECONDS="${ACC_SECONDS:-500}"
 mkdir -p "$OUT"
 stamp() { date +%H:%M:%S; }
 
@@ -47,7 +47,7 @@ else
   set -- compare --backend jax --task transformer_lm ${ACC_ARGS:---config gpu} --work-dir "$WORK"
 fi
 echo "[$(stamp)] python -m tf_bf16 $* --max-minutes $MINUTES"
-timeout $((ACC_SECONDS + 60)) python3 -m tf_bf16 "$@" --max-minutes "$MINUTES" \
+timeout $((ACC_SECONDS + 45)) python3 -m tf_bf16 "$@" --max-minutes "$MINUTES" \
   --out "$OUT/accuracy" 2> >(grep --line-buffered -v "^WARNING: All log\|^I0000\|^E0000" \
   | tee "$OUT/accuracy.log" >&2) | tee "$OUT/accuracy.txt"
 STATUS=${PIPESTATUS[0]}
