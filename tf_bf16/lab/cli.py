@@ -13,6 +13,9 @@ tf_bf16/lab/own_model.py, what ``tf_bf16.compare`` runs). ``results`` runs every
 writes ``docs/results.md`` with mean +- std over seeds and the learning
 curves under ``docs/results/``; ``results --from-json`` re-renders them
 without training. ``list`` shows the tasks and whether they can run here.
+With ``--backend jax``, ``compare`` and ``results`` hand over to
+tf_bf16/lab/jax_runner.py (one process per variant, resumable pieces) and the
+GPU section of the report is tf_bf16/lab/report_gpu.py.
 
 Importing this module imports neither TensorFlow nor the lab extra's
 packages (``--help`` stays fast); the run functions check the extra's packages
@@ -92,10 +95,20 @@ the loss). For example, with my_models.py:
 Needs the lab extra (tqdm; matplotlib for --out; a task's own packages):
 pip install "tf_bf16[lab]".
 
+On Keras's JAX backend (--backend jax; GPUs without TensorFlow, such as the
+H200) every variant trains in its own process, the table adds ms/step and the
+peak device memory, --config gpu is transformer_lm at 101M parameters, and a
+run may be split into pieces: --max-minutes pauses it with the running
+variant's full state saved (exit status 3), --resume DIR continues it
+bit-identically.
+
 Examples:
   python -m tf_bf16 list
   python -m tf_bf16 compare --task digits_cnn --out out/digits
   python -m tf_bf16 compare --task least_squares --reduced --variants float32,kahan
+  KERAS_BACKEND=jax python -m tf_bf16 compare --backend jax --task transformer_lm \
+      --config gpu --out out/gpu --max-minutes 9
+  KERAS_BACKEND=jax python -m tf_bf16 compare --resume out/gpu/work --out out/gpu
 """
 
 LIST_DESCRIPTION = """\
@@ -117,11 +130,20 @@ reason. Numbers are whatever the runs give. The results.json and the report
 are written before the plots. Needs the lab extra (tqdm, matplotlib; the tasks'
 own packages): pip install "tf_bf16[lab]".
 
+With --backend jax it trains the tasks ported to the JAX runner (one process
+per variant, as 'compare --backend jax'), writes <report dir>/results/gpu/
+(results.json and the curves) and the report: the CPU sections rendered from
+<report dir>/results/results.json, as they are, then a GPU section.
+--from-json ... --gpu-json RUN.json renders the same from the results.json of
+a 'compare --backend jax' run (or of 'results --backend jax').
+
 Example:
   python -m tf_bf16 results --seeds 3
   python -m tf_bf16 results --reduced --seeds 2 --tasks least_squares,digits_cnn \\
       --output /tmp/results.md
   python -m tf_bf16 results --from-json docs/results/results.json   # re-render only
+  python -m tf_bf16 results --from-json docs/results/results.json \\
+      --gpu-json out/gpu/results.json                              # + the GPU section
 """
 
 # ---------------------------------------------------------------------------
