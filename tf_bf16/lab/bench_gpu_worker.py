@@ -29,6 +29,7 @@ from tf_bf16.lab import common
 
 SEED = 1234
 LEARNING_RATE = 3e-4
+MAX_COPY_ELEMENTS = 2**30
 
 
 def _log(message):
@@ -354,15 +355,18 @@ def update_job(job):
         del state, gradient, call
         gc.collect()
         # A copy of the same bytes: per_param bytes of traffic = per_param / 4 uint16
-        # elements read and written.
+        # elements read and written; above MAX_COPY_ELEMENTS (2 GiB read, where XLA's
+        # 32-bit indexing ends), the copy of that many, its time scaled to the bytes.
         elements = n * per_param // 4
-        if elements not in copies:
-            copies[elements] = _copy_seconds(elements, calls, repeats)
-        copy_s = copies[elements][0]
+        copied = min(elements, MAX_COPY_ELEMENTS)
+        if copied not in copies:
+            copies[copied] = _copy_seconds(copied, calls, repeats)
+        copy_s = copies[copied][0] * elements / copied
         rows.append({"key": row_key, "label": label, "optimizer": optimizer,
                      "rounding": rounding, "bytes_per_parameter": per_param,
                      "median_ms": 1e3 * median, "times_ms": [1e3 * t for t in times],
-                     "copy_ms": 1e3 * copy_s,
+                     "copy_ms": 1e3 * copy_s, "copy_scaled_from_elements":
+                         copied if copied != elements else None,
                      "effective_gb_s": n * per_param / median / 1e9,
                      "copy_gb_s": n * per_param / copy_s / 1e9,
                      "fraction_of_copy": copy_s / median})
