@@ -11,6 +11,7 @@ import pytest
 
 from tf_bf16 import __main__ as cli
 from tf_bf16.lab import bench_gpu
+from tf_bf16.lab import bench_gpu_report
 from tf_bf16.lab import common
 
 pytestmark = pytest.mark.lab
@@ -120,13 +121,13 @@ def test_verdict_passes_misses_and_skips():
 def test_tables_hold_every_part():
     results = _results()
     results["targets"] = bench_gpu.verdict(results)
-    text = bench_gpu.format_text(results)
+    text = bench_gpu_report.format_text(results)
     for needle in ("1. The optimizer update alone: 268,435,456 parameters",
                    "2. model.fit step: GPT-style char model, 404,443,264 parameters",
                    "3. Largest model that trains, width 8192",
                    "bf16 SR (tf_bf16 Adam)", "0.927x", "1.75x", "verdict:"):
         assert needle in text, needle
-    markdown = bench_gpu.format_markdown(results)
+    markdown = bench_gpu_report.format_markdown(results)
     assert "| bf16 Kahan (tf_bf16 Adam) | 39.90 |" in markdown
     assert "- **MISS** fit peak memory: bf16 Kahan" in markdown
 
