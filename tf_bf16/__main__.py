@@ -15,6 +15,7 @@ import sys
 
 from tf_bf16.lab import bench
 from tf_bf16.lab import bench_fit
+from tf_bf16.lab import bench_gpu
 from tf_bf16.lab import cli
 
 Command = collections.namedtuple("Command", "name summary description add_arguments run")
@@ -24,6 +25,8 @@ COMMANDS = (
     Command("bench", bench.SUMMARY, bench.DESCRIPTION, bench.add_arguments, bench.run),
     Command("bench-fit", bench_fit.SUMMARY, bench_fit.DESCRIPTION, bench_fit.add_arguments,
             bench_fit.run),
+    Command("bench-gpu", bench_gpu.SUMMARY, bench_gpu.DESCRIPTION, bench_gpu.add_arguments,
+            bench_gpu.run),
     Command("compare", cli.COMPARE_SUMMARY, cli.COMPARE_DESCRIPTION, cli.add_compare_arguments,
             cli.run_compare),
     Command("list", cli.LIST_SUMMARY, cli.LIST_DESCRIPTION, cli.add_list_arguments,
@@ -56,8 +59,13 @@ def build_parser():
 
 def main(argv=None):
     """Entry point of ``python -m tf_bf16`` and of the ``tf-bf16`` console script."""
+    from tf_bf16.lab import jax_runner
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = jax_runner.expand_resume(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

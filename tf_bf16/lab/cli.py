@@ -13,6 +13,9 @@ tf_bf16/lab/own_model.py, what ``tf_bf16.compare`` runs). ``results`` runs every
 writes ``docs/results.md`` with mean +- std over seeds and the learning
 curves under ``docs/results/``; ``results --from-json`` re-renders them
 without training. ``list`` shows the tasks and whether they can run here.
+With ``--backend jax``, ``compare`` and ``results`` hand over to
+tf_bf16/lab/jax_runner.py (one process per variant, resumable pieces) and the
+GPU section of the report is tf_bf16/lab/report_gpu.py.
 
 Importing this module imports neither TensorFlow nor the lab extra's
 packages (``--help`` stays fast); the run functions check the extra's packages
@@ -92,10 +95,20 @@ the loss). For example, with my_models.py:
 Needs the lab extra (tqdm; matplotlib for --out; a task's own packages):
 pip install "tf_bf16[lab]".
 
+On Keras's JAX backend (--backend jax; GPUs without TensorFlow, such as the
+H200) every variant trains in its own process, the table adds ms/step and the
+peak device memory, --config gpu is transformer_lm at 101M parameters, and a
+run may be split into pieces: --max-minutes pauses it with the running
+variant's full state saved (exit status 3), --resume DIR continues it
+bit-identically.
+
 Examples:
   python -m tf_bf16 list
   python -m tf_bf16 compare --task digits_cnn --out out/digits
   python -m tf_bf16 compare --task least_squares --reduced --variants float32,kahan
+  KERAS_BACKEND=jax python -m tf_bf16 compare --backend jax --task transformer_lm \
+      --config gpu --out out/gpu --max-minutes 9
+  KERAS_BACKEND=jax python -m tf_bf16 compare --resume out/gpu/work --out out/gpu
 """
 
 LIST_DESCRIPTION = """\
@@ -117,11 +130,20 @@ reason. Numbers are whatever the runs give. The results.json and the report
 are written before the plots. Needs the lab extra (tqdm, matplotlib; the tasks'
 own packages): pip install "tf_bf16[lab]".
 
+With --backend jax it trains the tasks ported to the JAX runner (one process
+per variant, as 'compare --backend jax'), writes <report dir>/results/gpu/
+(results.json and the curves) and the report: the CPU sections rendered from
+<report dir>/results/results.json, as they are, then a GPU section.
+--from-json ... --gpu-json RUN.json renders the same from the results.json of
+a 'compare --backend jax' run (or of 'results --backend jax').
+
 Example:
   python -m tf_bf16 results --seeds 3
   python -m tf_bf16 results --reduced --seeds 2 --tasks least_squares,digits_cnn \\
       --output /tmp/results.md
   python -m tf_bf16 results --from-json docs/results/results.json   # re-render only
+  python -m tf_bf16 results --from-json docs/results/results.json \\
+      --gpu-json out/gpu/results.json                              # + the GPU section
 """
 
 # ---------------------------------------------------------------------------
@@ -189,6 +211,45 @@ def _add_training_options(parser):
         help="do not show progress bars (they go to stderr)")
 
 
+def _add_backend_options(parser):
+    jax = parser.add_argument_group(
+        "Keras's JAX backend (--backend jax: GPUs without TensorFlow, e.g. the H200)")
+    jax.add_argument(
+        "--backend", choices=("tensorflow", "jax"), default="tensorflow",
+        help="the Keras backend that trains the variants (default tensorflow, in this "
+             "process). jax: each variant in its own process with KERAS_BACKEND=jax (its "
+             "memory its own; TensorFlow is not imported), for the tasks ported to it "
+             "(transformer_lm); the table adds ms/step and peak device memory. Where "
+             "TensorFlow is not installed set KERAS_BACKEND=jax for the command too")
+    jax.add_argument(
+        "--config", metavar="NAME",
+        help="a named configuration of the task, with --backend jax: 'gpu' for "
+             "transformer_lm (101M parameters, sequence 512, batch 16, 2,000 steps, Adam "
+             "6e-4 with 5%% warmup and cosine decay to 0; 'list' shows the tasks)")
+    jax.add_argument(
+        "--max-minutes", type=_positive_float, metavar="M",
+        help="with --backend jax: stop before M minutes have passed, at the end of a "
+             "learning-curve segment, with the running variant's state saved (exit status "
+             "3); continue with --resume")
+    jax.add_argument(
+        "--resume", metavar="DIR",
+        help="with --backend jax: continue the run whose work directory is DIR (its "
+             "options are saved there; give only --max-minutes, --stop-at-step, "
+             "--no-progress and the output options --out, --json, --markdown, --output, "
+             "which are not saved); finished variants are kept, a paused one continues "
+             "bit-identically from its saved step")
+    jax.add_argument(
+        "--work-dir", metavar="DIR",
+        help="with --backend jax: where each variant's result, error report and saved "
+             "state go (default: OUT/work for compare --out, else a new temporary "
+             "directory; out/jax_results_work for results); running the same command with "
+             "the same DIR resumes too")
+    jax.add_argument(
+        "--stop-at-step", type=common.positive_int, metavar="N",
+        help="with --backend jax: pause the running variant at the first curve-segment end "
+             "at or after step N (a manual piece; what the tests use)")
+
+
 def add_compare_arguments(parser):
     """Options of `compare`."""
     what = parser.add_mutually_exclusive_group(required=True)
@@ -251,6 +312,7 @@ def add_compare_arguments(parser):
         "--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument(
         "--markdown", metavar="PATH", help="also write the table as Markdown to PATH")
+    _add_backend_options(parser)
 
 
 def add_list_arguments(parser):
@@ -275,6 +337,13 @@ def add_results_arguments(parser):
         "--from-json", metavar="PATH",
         help="train nothing: re-render the report and plots from the results.json of an "
              "earlier run (the report keeps that run's command, machine and times)")
+    parser.add_argument(
+        "--gpu-json", metavar="PATH",
+        help="with --from-json: append the GPU section, rendered from PATH (the results.json "
+             "of 'compare --backend jax --out DIR' or of 'results --backend jax'); it is "
+             "copied to <report dir>/results/gpu/results.json with its curves beside. The "
+             "sections rendered from --from-json stay byte for byte as without it")
+    _add_backend_options(parser)
 
 
 # ---------------------------------------------------------------------------
@@ -317,7 +386,10 @@ def _command_line(args, command):
                           ("--batch-size", args.batch_size),
                           ("--variants", ",".join(args.variants) if args.variants else None),
                           ("--out", getattr(args, "out", None)),
-                          ("--output", getattr(args, "output", None))):
+                          ("--output", getattr(args, "output", None)),
+                          ("--backend", None if getattr(args, "backend", "tensorflow")
+                           == "tensorflow" else args.backend),
+                          ("--config", getattr(args, "config", None))):
         if value is not None:
             parts += [option, str(value)]
     for pattern in getattr(args, "keep_float32", None) or ():
@@ -338,6 +410,10 @@ def run_compare(args):
     writes the outputs."""
     from tf_bf16.lab import tasks as tasks_module
 
+    problem = _backend_problem(args)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     if args.model is not None:
         return _run_compare_own_model(args)
     misplaced = [option for option, given in (
@@ -352,6 +428,12 @@ def run_compare(args):
         print(f"{', '.join(misplaced)}: for your own model (--model), not with --task",
               file=sys.stderr)
         return 2
+    if args.backend == "jax":
+        from tf_bf16.lab import jax_runner
+
+        if common.check_requirements("compare --out", ("matplotlib",) if args.out else ()):
+            return 2
+        return jax_runner.compare_command(args, _variants(args), _command_line(args, "compare"))
     needs = ("tqdm",) + (("matplotlib",) if args.out else ())
     if common.check_requirements("compare" + (" --out" if args.out else ""), needs):
         return 2
@@ -464,12 +546,23 @@ def run_results(args):
     """`results`: every task x variant x seed, docs/results.md."""
     from tf_bf16.lab import tasks as tasks_module
 
-    needs = ("matplotlib",) if args.from_json else ("tqdm", "matplotlib")
+    problem = _backend_problem(args)
+    if problem or (args.gpu_json and not args.from_json):
+        print(problem or "--gpu-json goes with --from-json (results --backend jax writes the "
+              "GPU section itself)", file=sys.stderr)
+        return 2
+    jax = args.backend == "jax"
+    needs = ("matplotlib",) if (args.from_json or jax) else ("tqdm", "matplotlib")
     if common.check_requirements("results", needs):
         return 2
     all_tasks = tasks_module.all_tasks()
     if args.from_json:
-        return _render_results(args.from_json, args.output, all_tasks)
+        return _render_results(args.from_json, args.output, all_tasks, args.gpu_json)
+    if jax:
+        from tf_bf16.lab import jax_runner
+
+        return jax_runner.results_command(args, _variants(args), _command_line(args, "results"),
+                                          all_tasks)
     keras, tf, _ = runner.import_keras()
     started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     started = time.perf_counter()
@@ -529,7 +622,24 @@ def _plot_results(suite, all_tasks, out_dir):
         report.plot_task(out_dir, name, all_tasks[name], entry["runs"], suite["variants"])
 
 
-def _render_results(json_path, output, all_tasks):
+def _backend_problem(args):
+    """Why the backend options do not go together, or None."""
+    if args.backend == "jax":
+        if getattr(args, "model", None) is not None:
+            return "--backend jax trains the built-in tasks (--task), not --model"
+        if args.include_stock:
+            return "--include-stock: the stock variant is not run on the JAX backend"
+        return None
+    given = [option for option, value in (
+        ("--config", args.config), ("--max-minutes", args.max_minutes),
+        ("--resume", args.resume), ("--work-dir", args.work_dir),
+        ("--stop-at-step", args.stop_at_step)) if value is not None]
+    if given:
+        return f"{', '.join(given)}: with --backend jax only"
+    return None
+
+
+def _render_results(json_path, output, all_tasks, gpu_json=None):
     """`results --from-json`: the report and plots of an earlier run, no training."""
     try:
         with open(json_path) as f:
@@ -551,8 +661,26 @@ def _render_results(json_path, output, all_tasks):
     new_json = os.path.join(out_dir, "results.json")
     if os.path.abspath(new_json) != os.path.abspath(json_path):
         report.write_json(new_json, suite)
-    with open(output, "w") as f:
-        f.write(report.results_markdown(suite, all_tasks, output))
+    gpu_suite = None
+    if gpu_json:
+        from tf_bf16.lab import report_gpu
+
+        try:
+            gpu_suite = report_gpu.load(gpu_json)
+        except (OSError, ValueError) as e:
+            print(f"--gpu-json {gpu_json}: {e}", file=sys.stderr)
+            return 2
+    text = report.results_markdown(suite, all_tasks, output)
+    if gpu_suite is None:
+        with open(output, "w") as f:
+            f.write(text)
     _plot_results(suite, all_tasks, out_dir)
     print(f"wrote {output} and {out_dir}/ from {json_path}")
+    if gpu_suite is not None:
+        try:
+            return report_gpu.write_report(gpu_suite, all_tasks, output, cpu_text=text,
+                                           source=gpu_json)
+        except ValueError as e:
+            print(f"--gpu-json {gpu_json}: {e}", file=sys.stderr)
+            return 2
     return 0

@@ -189,12 +189,65 @@ def machine_info(tf, keras):
     }
 
 
+def jax_machine_info():
+    """`machine_info` of a JAX process: the host, JAX's device, the versions.
+
+    Call it in a process that may use the device: it initializes JAX's backend
+    (on a GPU, JAX then takes its share of the device's memory)."""
+    import jax
+    import keras
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    return {
+        "backend": "jax",
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": affinity,
+        "memory_bytes": _memory_total(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "keras": keras.__version__,
+        "device": device.device_kind,
+        "device_platform": device.platform,
+        "device_count": jax.device_count(),
+        "device_memory_bytes": stats.get("bytes_limit"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
 def machine_line(m):
-    """One line of `machine_info`: CPU, cores, memory, flags and versions."""
+    """One line of `machine_info` (or `jax_machine_info`): CPU, cores, memory,
+    flags, the JAX device, versions."""
     mem = f", {m['memory_bytes'] / 2**30:.0f} GiB RAM" if m.get("memory_bytes") else ""
+    if m.get("backend") == "jax":
+        device_memory = (f", {m['device_memory_bytes'] / 2**30:.1f} GiB usable by JAX"
+                         if m.get("device_memory_bytes") else "")
+        flags = f", XLA_FLAGS={m['xla_flags']}" if m.get("xla_flags") else ""
+        return (f"{m['device_count']} x {m['device']} ({m['device_platform']}"
+                f"{device_memory}) on {m['cpu']} ({m['usable_cpus']} usable of "
+                f"{m['logical_cpus']} logical CPUs{mem}), JAX {m['jax']}, Keras {m['keras']} "
+                f"(JAX backend{flags}), Python {m['python']}")
     return (f"{m['cpu']} ({m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs"
             f"{mem}; {' '.join(m['cpu_flags'])}), TensorFlow {m['tensorflow']}, "
             f"Keras {m['keras']}, Python {m['python']}")
+
+
+def stamp():
+    """The time of day for progress lines: [HH:MM:SS]."""
+    return time.strftime("[%H:%M:%S]")
+
+
+def log(message):
+    """A timestamped progress line on stderr."""
+    print(f"{stamp()} {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------

@@ -49,6 +49,10 @@ def variant_notes(variants):
 def learning_rate_text(cfg):
     """The learning rate of a config: its number, a schedule's class, or the
     optimizer's default."""
+    schedule = cfg.get("schedule")
+    if schedule and schedule.get("name") == "warmup_cosine":
+        return (f"{cfg['learning_rate']} after {schedule['warmup_steps']} steps of linear "
+                f"warmup, cosine decay to 0 over {schedule['decay_steps']}")
     if cfg.get("learning_rate") is not None:
         return str(cfg["learning_rate"])
     value = (cfg.get("optimizer_kwargs") or {}).get("learning_rate")
@@ -79,18 +83,28 @@ def format_gap(task, gap):
 # compare: one task, one seed.
 
 def compare_table(task, results):
+    """The table of one run; runs on the JAX backend (tf_bf16/lab/jax_runner.py)
+    add ms/step and the peak device memory of each variant's process."""
+    device_columns = any("peak_device_bytes" in r for r in results.values())
     header = ["variant", "optimizer", task.metric or "metric", "gap to float32",
               "B/param", "state dtypes", "weights moved", "last 10%", "wall s"]
+    if device_columns:
+        header[-1:-1] = ["ms/step", "peak device GiB"]
     body = []
     for r in results.values():
         gap = r.get("gap_to_float32")
-        body.append([r["label"], r["optimizer"], format_metric(task, r["metric"]),
-                     "-" if gap is None or r["variant"] == "float32" else format_gap(task, gap),
-                     f"{r['bytes_per_parameter']:.2f}", "/".join(r["state_dtypes"]),
-                     f"{100 * r['weights_changed_fraction']:.1f}%",
-                     "-" if r.get("late_weights_changed_fraction") is None
-                     else f"{100 * r['late_weights_changed_fraction']:.1f}%",
-                     f"{r['wall_s']:.1f}"])
+        row = [r["label"], r["optimizer"], format_metric(task, r["metric"]),
+               "-" if gap is None or r["variant"] == "float32" else format_gap(task, gap),
+               f"{r['bytes_per_parameter']:.2f}", "/".join(r["state_dtypes"]),
+               f"{100 * r['weights_changed_fraction']:.1f}%",
+               "-" if r.get("late_weights_changed_fraction") is None
+               else f"{100 * r['late_weights_changed_fraction']:.1f}%",
+               f"{r['wall_s']:.1f}"]
+        if device_columns:
+            ms, peak = r.get("ms_per_step"), r.get("peak_device_bytes")
+            row[-1:-1] = ["-" if ms is None else f"{ms:.1f}",
+                          "-" if peak is None else f"{peak / 2**30:.2f}"]
+        body.append(row)
     return header, body
 
 

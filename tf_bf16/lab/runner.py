@@ -111,7 +111,10 @@ def training_config(task, args):
 # Policy and optimizer of a variant.
 
 def _set_policy(variant, seed, cfg):
-    keras, _, tf_bf16 = import_keras()
+    # Keras and tf_bf16 as imported (the JAX runner uses this too).
+    import keras
+    import tf_bf16
+
     tf_bf16.reset_policy()
     if variant in ("nearest", STOCK):
         keras.config.set_dtype_policy("bfloat16")
@@ -123,7 +126,8 @@ def _set_policy(variant, seed, cfg):
 
 def make_optimizer(variant, cfg, seed):
     """The optimizer of one variant: stock Keras (float32, mixed_bfloat16, stock;
-    densified sparse gradients) or tf_bf16 with the variant's rounding.
+    densified sparse gradients on TensorFlow; JAX's are dense) or tf_bf16 with the
+    variant's rounding.
 
     ``cfg["optimizer"]`` names the class (``OPTIMIZER_CLASSES``);
     ``cfg["optimizer_kwargs"]`` are its arguments, the same for both libraries
@@ -131,7 +135,9 @@ def make_optimizer(variant, cfg, seed):
     ``optimizer.get_config()``); ``cfg["learning_rate"]``, when not None,
     overrides theirs.
     """
-    keras, _, tf_bf16 = import_keras()
+    import keras
+    import tf_bf16
+
     name = cfg["optimizer"].lower()
     if name not in OPTIMIZER_CLASSES:
         raise ValueError(f"unknown optimizer {cfg['optimizer']!r}; "
@@ -142,7 +148,10 @@ def make_optimizer(variant, cfg, seed):
     class_name = OPTIMIZER_CLASSES[name]
     # from_config: the arguments, with a serialized learning-rate schedule revived.
     if variant in KERAS_OPTIMIZER_VARIANTS:
-        return _with_dense_gradients(getattr(keras.optimizers, class_name)).from_config(kwargs)
+        keras_class = getattr(keras.optimizers, class_name)
+        if keras.backend.backend() == "tensorflow":
+            keras_class = _with_dense_gradients(keras_class)
+        return keras_class.from_config(kwargs)
     kwargs.update(rounding=variant, seed=seed)
     return getattr(tf_bf16.optimizers, class_name).from_config(kwargs)
 

@@ -70,14 +70,30 @@ class Task:
     # Modules beyond the library that the task imports (e.g. "sklearn"), all
     # from the lab extra; ``available`` reports the missing ones.
     requires: Tuple[str, ...] = ()
+    # The Keras backends whose runner can train the task: "tensorflow" (the
+    # runner of tf_bf16/lab/runner.py) and "jax" (tf_bf16/lab/jax_runner.py:
+    # one process per variant; the task then implements ``make_arrays``).
+    backends: Tuple[str, ...] = ("tensorflow",)
+    # Named configurations besides the default and the reduced one (``compare
+    # --config NAME``), e.g. "gpu": name -> overrides of ``sizes``, of the batch
+    # size and of the training settings (``epochs``, ``learning_rate``,
+    # ``optimizer``, ``optimizer_kwargs``, ``curve_points_per_epoch``,
+    # ``warmup_fraction``: a linear warmup over that share of the steps, then a
+    # cosine decay to 0, from ``learning_rate``), plus "description".
+    configs: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
 
-    def config(self, reduced: bool) -> Dict[str, Any]:
+    def config(self, reduced: bool, name: Optional[str] = None) -> Dict[str, Any]:
         """``sizes`` and the batch size; reduced: updated by ``reduced_sizes``, then
-        by ``reduced``."""
+        by ``reduced``; a named configuration (``configs``): updated by it."""
         cfg = dict(self.sizes, batch_size=self.batch_size)
         if reduced:
             cfg.update(self.reduced_sizes)
             cfg.update(self.reduced)
+        if name is not None:
+            if name not in self.configs:
+                raise KeyError(f"task {self.name} has no configuration {name!r}; it has: "
+                               f"{', '.join(self.configs) or 'none besides the default'}")
+            cfg.update(self.configs[name])
         return cfg
 
     def available(self) -> Optional[str]:
@@ -92,6 +108,14 @@ class Task:
 
     def make_model(self, seed: int, reduced: bool = False):
         """A fresh, compiled-ready keras.Model, built under the dtype policy in force."""
+        raise NotImplementedError
+
+    def make_arrays(self, seed: int, reduced: bool = False, config: Optional[str] = None,
+                    steps: Optional[int] = None) -> TaskData:
+        """For the JAX runner (``backends`` has "jax"): a TaskData whose ``train`` is
+        ``(x, y)`` NumPy arrays holding the training examples in the order they are
+        trained (``steps`` batches per epoch; None: the configuration's), and
+        ``eval`` what ``evaluate`` takes. No tf.data, no TensorFlow."""
         raise NotImplementedError
 
     def loss(self):

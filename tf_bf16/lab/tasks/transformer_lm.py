@@ -22,6 +22,16 @@ Metric: bits per character on held-out files (lower is better): the mean
 next-character cross-entropy, in bits, over 256 fixed non-overlapping
 65-character windows spread evenly through the held-out files (the same
 windows for every seed and variant).
+
+GPU configuration (``compare --backend jax --config gpu``; ``GPU`` below): the
+same model at 101M parameters (dim 1024, 8 blocks of 16 heads, feed-forward
+4096, sequence 512), Adam with a linear warmup over 5% of the steps to 6e-4 and
+a cosine decay to 0, batch 16 windows of 512 characters, 2,000 steps (16.4M
+characters), 16 learning-curve points; the held-out windows are 513 characters.
+
+Runs on Keras's TensorFlow backend (``make_data``: a tf.data pipeline) and on
+its JAX backend (``make_arrays``: the same windows as NumPy arrays); TensorFlow
+is imported only by ``make_data``.
 """
 
 import dataclasses
@@ -29,7 +39,6 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tf_bf16.lab.tasks import corpus
 from tf_bf16.lab.tasks.base import Task, TaskData
@@ -38,23 +47,53 @@ DEFAULTS = dict(seq_len=64, dim=64, heads=4, ff_dim=256, layers=2, steps=800,
                 eval_windows=256)
 REDUCED = dict(seq_len=32, dim=32, heads=2, ff_dim=64, layers=1, steps=30,
                eval_windows=32)
+GPU = dict(seq_len=512, dim=1024, heads=16, ff_dim=4096, layers=8, steps=2000,
+           eval_windows=256, batch_size=16, optimizer="adam", learning_rate=6e-4,
+           warmup_fraction=0.05, curve_points_per_epoch=16,
+           description="101M parameters (dim 1024, 8 blocks, sequence 512), batch 16, "
+                       "Adam 6e-4 with 5% linear warmup and cosine decay to 0")
+
+
+def build_model(seq_len, dim, heads, ff_dim, layers, seed, name="char_transformer", **_):
+    """The GPT-style character model (pre-LayerNorm blocks, learned positions),
+    under the dtype policy in force. Also the model of ``bench-gpu``."""
+    ids = keras.Input(shape=(seq_len,), dtype="int32", name="chars")
+    x = corpus.TokenAndPositionEmbedding(corpus.VOCAB_SIZE, seq_len, dim, seed=seed,
+                                        name="embedding")(ids)
+    for i in range(layers):
+        x = corpus.transformer_block(x, heads=heads, dim=dim, ff_dim=ff_dim, causal=True,
+                                    seed=seed + 10 * (i + 1), name=f"block{i}")
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(x)
+    logits = keras.layers.Dense(
+        corpus.VOCAB_SIZE, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 99),
+        name="logits")(x)
+    return keras.Model(ids, logits, name=name)
+
+
+def parameter_count(seq_len, dim, ff_dim, layers, **_):
+    """Trainable parameters of ``build_model`` (without building it)."""
+    vocab = corpus.VOCAB_SIZE
+    block = (4 * (dim * dim + dim)          # attention: query, key, value, output
+             + (dim * ff_dim + ff_dim) + (ff_dim * dim + dim)  # feed-forward
+             + 2 * 2 * dim)                  # two LayerNormalizations
+    return (vocab * dim + seq_len * dim + layers * block + 2 * dim
+            + dim * vocab + vocab)
 
 
 @dataclasses.dataclass
 class TransformerLMTask(Task):
 
-    def make_data(self, seed, reduced=False):
-        cfg = self.config(reduced)
+    def make_arrays(self, seed, reduced=False, config=None, steps=None):
+        cfg = self.config(reduced, config)
+        steps = cfg["steps"] if steps is None else steps
         train_files, held_files = corpus.split_files()
         train_ids = corpus.encoded_corpus(train_files)
         held_ids = corpus.encoded_corpus(held_files)
         length = cfg["seq_len"] + 1
-        count = cfg["steps"] * cfg["batch_size"]
+        count = steps * cfg["batch_size"]
         rng = np.random.default_rng(seed)
         starts = rng.integers(0, len(train_ids) - length, size=count)
         windows = train_ids[starts[:, None] + np.arange(length)]
-        train = tf.data.Dataset.from_tensor_slices(
-            (windows[:, :-1], windows[:, 1:])).batch(cfg["batch_size"])
         # Held-out windows: evenly spaced, non-overlapping, seed-independent.
         n_eval = min(cfg["eval_windows"], len(held_ids) // length)
         offsets = np.linspace(0, len(held_ids) - length, n_eval).astype(np.int64)
@@ -62,23 +101,20 @@ class TransformerLMTask(Task):
         info = dict(train_chars=int(len(train_ids)), held_out_chars=int(len(held_ids)),
                     train_files=len(train_files), held_out_files=len(held_files),
                     corpus=corpus.stdlib_dir())
-        return TaskData(train=train, eval=(eval_windows[:, :-1], eval_windows[:, 1:]),
-                        steps_per_epoch=cfg["steps"], info=info)
+        return TaskData(train=(windows[:, :-1], windows[:, 1:]),
+                        eval=(eval_windows[:, :-1], eval_windows[:, 1:]),
+                        steps_per_epoch=steps, info=info)
 
-    def make_model(self, seed, reduced=False):
-        cfg = self.config(reduced)
-        ids = keras.Input(shape=(cfg["seq_len"],), dtype="int32", name="chars")
-        x = corpus.TokenAndPositionEmbedding(corpus.VOCAB_SIZE, cfg["seq_len"], cfg["dim"],
-                                            seed=seed, name="embedding")(ids)
-        for i in range(cfg["layers"]):
-            x = corpus.transformer_block(x, heads=cfg["heads"], dim=cfg["dim"],
-                                        ff_dim=cfg["ff_dim"], causal=True,
-                                        seed=seed + 10 * (i + 1), name=f"block{i}")
-        x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_ln")(x)
-        logits = keras.layers.Dense(
-            corpus.VOCAB_SIZE, kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 99),
-            name="logits")(x)
-        return keras.Model(ids, logits, name="char_transformer")
+    def make_data(self, seed, reduced=False, config=None):
+        import tensorflow as tf
+
+        data = self.make_arrays(seed, reduced, config)
+        data.train = tf.data.Dataset.from_tensor_slices(data.train).batch(
+            self.config(reduced, config)["batch_size"])
+        return data
+
+    def make_model(self, seed, reduced=False, config=None):
+        return build_model(seed=seed, **self.config(reduced, config))
 
     def loss(self):
         return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -108,4 +144,6 @@ TASK = TransformerLMTask(
     sizes=DEFAULTS,
     reduced_sizes=REDUCED,
     reduced=dict(batch_size=16),
+    backends=("tensorflow", "jax"),
+    configs={"gpu": GPU},
 )
