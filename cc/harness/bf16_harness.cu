@@ -684,9 +684,11 @@ Result RunCaseGpu(Device& d, const Case& c, int reps) {
       int chunks_per_trip;
       int blocks_per_sm;  // 0: one trip per thread
     };
-    const Config configs[] = {{"K=1 8xSM", 1, 8},   {"K=1 32xSM", 1, 32},
+    // (The default is K=1 at 32 blocks/SM; K=2 at 8 blocks/SM was the default
+    // of the first two H200 runs.)
+    const Config configs[] = {{"K=1 8xSM", 1, 8},   {"K=1 128xSM", 1, 128},
                               {"K=1 1 chunk/thread", 1, 0},
-                              {"K=2 4xSM", 2, 4},   {"K=2 32xSM", 2, 32},
+                              {"K=2 8xSM", 2, 8},   {"K=2 32xSM", 2, 32},
                               {"K=2 1 trip/thread", 2, 0}};
     for (const Config& config : configs) {
       GpuExecutor other = ex;
