@@ -422,6 +422,12 @@ def _check_rounding(rounding, variable, compensation, name):
 
 def _concrete(value):
     """The float value of a concrete scalar, None for a traced one."""
+    # Tracers are recognised before float() is tried: the error JAX raises for
+    # a traced value walks the whole computation traced so far to say where the
+    # value came from, which made tracing a train step quadratic in the number
+    # of variables (193 s for an 8-block Transformer on a CPU, instead of 5).
+    if isinstance(value, jax.core.Tracer):
+        return None
     try:
         return float(value)
     except (TypeError, jax.errors.ConcretizationTypeError):
