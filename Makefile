@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # TF_PACKAGE=tensorflow==2.21.0 for the GPU-capable wheel.
 TF_PACKAGE ?= tensorflow-cpu==2.21.0
 # The extras of setup.py to install: lab (the tools' packages: tqdm,
-# matplotlib, scikit-learn, tensorflow-datasets), test (pytest, hypothesis) and
+# matplotlib, scikit-learn, tensorflow-datasets), test (pytest, hypothesis, atheris) and
 # jax (Keras's JAX backend, whose tests compare it with the TensorFlow kernels).
 EXTRAS ?= lab,test,jax
 STAMP := .make-install.stamp

@@ -343,7 +343,8 @@ setup(
         # The tools of tf_bf16.lab: progress bars, plots, and the tasks' data
         # (scikit-learn's bundled datasets; TensorFlow Datasets for CIFAR-10).
         "lab": ["tqdm", "matplotlib", "scikit-learn", "tensorflow-datasets==4.9.10"],
-        "test": ["pytest", "hypothesis"],
+        # atheris: tests/test_fuzz.py's bounded run of tools/fuzz_ops.py.
+        "test": ["pytest", "hypothesis", "atheris"],
         # Keras's JAX backend (KERAS_BACKEND=jax): tf_bf16.jax_ops; the tests
         # compare it with the TensorFlow kernels bit for bit.
         "jax": ["jax==0.10.2", "jaxlib==0.10.2"],

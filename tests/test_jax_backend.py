@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("jax")
+import jax  # noqa: F401  (the jax extra: missing fails, not skips)
 
 from conftest import assert_bits_equal, fresh_global_state  # noqa: E402
 

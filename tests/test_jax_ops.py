@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-jax = pytest.importorskip("jax")
+import jax
 import jax.numpy as jnp  # noqa: E402
 
 from conftest import DTYPES, bits  # noqa: E402

@@ -20,7 +20,7 @@ from tf_bf16 import optimizers as bf16_optimizers
 
 from conftest import fresh_global_state
 
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
+from sklearn import datasets as sklearn_datasets
 
 
 restore_global_state = fresh_global_state(2024)

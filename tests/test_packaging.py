@@ -50,4 +50,4 @@ def test_isolated_wheel_build_contains_library_built_for_this_tensorflow(tmp_pat
 
     assert names(None) == ["keras", "numpy"], requires
     assert names("lab") == ["matplotlib", "scikit-learn", "tensorflow-datasets", "tqdm"], requires
-    assert names("test") == ["hypothesis", "pytest"], requires
+    assert names("test") == ["atheris", "hypothesis", "pytest"], requires

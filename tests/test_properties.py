@@ -33,7 +33,7 @@ from tf_bf16 import _args
 from tf_bf16 import ops
 from tf_bf16 import reference
 
-jax_ops = pytest.importorskip("tf_bf16.jax_ops")
+from tf_bf16 import jax_ops
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
