@@ -234,3 +234,24 @@ def test_gpu_json_must_be_a_complete_jax_run(tmp_path):
         report_gpu.suite_from_json(paused)
     with pytest.raises(ValueError, match="JAX backend"):
         report_gpu.suite_from_json(dict(summary, backend=None))
+
+
+def test_gpu_partial_renders_the_finished_variants_and_names_the_paused_one(tmp_path):
+    import matplotlib  # noqa: F401  (the lab extra)
+    summary = _fake_compare_json(tmp_path / "run.json")
+    del summary["variants"]["kahan"]   # a paused variant has no result yet
+    summary["paused"] = "kahan"
+    gpu_json = tmp_path / "paused.json"
+    gpu_json.write_text(json.dumps(summary))
+    output = tmp_path / "results.md"
+    cpu_json = os.path.join(ROOT, "docs", "results", "results.json")
+    args = ["results", "--from-json", cpu_json, "--gpu-json", str(gpu_json),
+            "--output", str(output)]
+    status, _, err = _main(args)
+    assert status == 2 and "incomplete" in err and "--gpu-partial" in err
+    status, _, err = _main(args + ["--gpu-partial"])
+    assert status == 0, err
+    gpu = output.read_text().split("## GPU runs:", 1)[1]
+    assert "**Not finished: bf16 Kahan**" in gpu
+    assert "| bf16 SR | 1.616 |" in gpu
+    assert "| bf16 Kahan |" not in gpu

@@ -343,6 +343,10 @@ def add_results_arguments(parser):
              "of 'compare --backend jax --out DIR' or of 'results --backend jax'); it is "
              "copied to <report dir>/results/gpu/results.json with its curves beside. The "
              "sections rendered from --from-json stay byte for byte as without it")
+    parser.add_argument(
+        "--gpu-partial", action="store_true",
+        help="with --gpu-json: render a paused run's finished variants and name the "
+             "unfinished one (without it a paused run is refused)")
     _add_backend_options(parser)
 
 
@@ -557,7 +561,8 @@ def run_results(args):
         return 2
     all_tasks = tasks_module.all_tasks()
     if args.from_json:
-        return _render_results(args.from_json, args.output, all_tasks, args.gpu_json)
+        return _render_results(args.from_json, args.output, all_tasks, args.gpu_json,
+                               gpu_partial=args.gpu_partial)
     if jax:
         from tf_bf16.lab import jax_runner
 
@@ -639,7 +644,7 @@ def _backend_problem(args):
     return None
 
 
-def _render_results(json_path, output, all_tasks, gpu_json=None):
+def _render_results(json_path, output, all_tasks, gpu_json=None, gpu_partial=False):
     """`results --from-json`: the report and plots of an earlier run, no training."""
     try:
         with open(json_path) as f:
@@ -666,7 +671,7 @@ def _render_results(json_path, output, all_tasks, gpu_json=None):
         from tf_bf16.lab import report_gpu
 
         try:
-            gpu_suite = report_gpu.load(gpu_json)
+            gpu_suite = report_gpu.load(gpu_json, partial=gpu_partial)
         except (OSError, ValueError) as e:
             print(f"--gpu-json {gpu_json}: {e}", file=sys.stderr)
             return 2

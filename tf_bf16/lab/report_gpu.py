@@ -21,9 +21,13 @@ from tf_bf16.lab import report
 GPU_DIR = "gpu"
 
 
-def suite_from_json(obj):
+def suite_from_json(obj, partial=False):
     """A GPU suite (the format ``results --backend jax`` writes) from a suite or
-    from a ``compare --backend jax`` summary; raises ValueError for anything else."""
+    from a ``compare --backend jax`` summary; raises ValueError for anything else.
+
+    A paused run (a variant left unfinished) is refused unless `partial`: then
+    the finished variants are rendered and the report names the one that did
+    not finish ("not_finished")."""
     if obj.get("backend") != "jax":
         raise ValueError("not the JSON of a run on the JAX backend (no \"backend\": \"jax\")")
     if "tasks" in obj:
@@ -31,9 +35,9 @@ def suite_from_json(obj):
     if "variants" not in obj or "task" not in obj:
         raise ValueError("neither a 'results --backend jax' suite nor a 'compare --backend "
                          "jax' results.json")
-    if obj.get("paused"):
+    if obj.get("paused") and not partial:
         raise ValueError(f"the run is incomplete: variant {obj['paused']!r} paused; resume it "
-                         "first")
+                         "first (or render the finished variants with --gpu-partial)")
     variants = list(obj["variants"])
     entry = {"summary": obj["summary"], "metric": obj["metric"],
              "higher_is_better": obj["higher_is_better"], "config": obj["config"],
@@ -44,7 +48,8 @@ def suite_from_json(obj):
             "variants": variants, "seeds": 1, "seed_values": [obj["seed"]],
             "reduced": bool(obj["config"].get("reduced")), "config": obj["config"].get("config"),
             "command": obj["command"], "machine": obj["machine"],
-            "started": obj.get("started", "-"), "elapsed_s": obj["elapsed_s"]}
+            "started": obj.get("started", "-"), "elapsed_s": obj["elapsed_s"],
+            "not_finished": {obj["task"]: obj["paused"]} if obj.get("paused") else {}}
 
 
 def _prepare(suite, all_tasks, gpu_dir):
@@ -148,6 +153,12 @@ def gpu_markdown(suite, all_tasks, output):
                     " WARNING: the processes built different initial weights.")
                  + (f" Trained in up to {pieces} resumed pieces." if pieces > 1 else ""))
         out += [notes, ""]
+        unfinished = suite.get("not_finished", {}).get(name)
+        if unfinished:
+            out += [f"**Not finished: {report.LABELS.get(unfinished, unfinished)}** (paused "
+                    "with its state saved when the run's device time ran out; the "
+                    "variants after it were not started). The table has the variants "
+                    "that finished; a resumed run (`compare --resume`) completes it.", ""]
         failed = suite.get("failed", {}).get(name)
         if failed:
             out += ["Failed: " + "; ".join(
@@ -205,8 +216,8 @@ def write_report(suite, all_tasks, output, cpu_text=None, source=None):
     return 0
 
 
-def load(path):
+def load(path, partial=False):
     """A GPU suite from `path` (see ``suite_from_json``)."""
     with open(path) as f:
-        return suite_from_json(json.load(f))
+        return suite_from_json(json.load(f), partial=partial)
 
