@@ -255,3 +255,21 @@ def test_gpu_partial_renders_the_finished_variants_and_names_the_paused_one(tmp_
     assert "**Not finished: bf16 Kahan**" in gpu
     assert "| bf16 SR | 1.616 |" in gpu
     assert "| bf16 Kahan |" not in gpu
+
+
+@pytest.mark.slow
+def test_profile_fit_step_tool_runs_on_the_cpu(tmp_path):
+    """tools/profile_fit_step.py (the next GPU measurement, docs/bench_gpu.md) at
+    the tests' size: a step, the step without the update, kernel counts."""
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "profile_fit_step.py"), "--tiny",
+         "--variants", "mixed_bfloat16,stochastic", "--steps", "2", "--rounds", "1",
+         "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "profile_fit.json").read_text())
+    assert [r["variant"] for r in results] == ["mixed_bfloat16", "stochastic"]
+    for r in results:
+        assert r["step_ms"] > 0 and r["no_update_ms"] > 0 and r["kernels"].get("fusion", 0) > 0
+    assert (tmp_path / "hlo_stochastic.txt").stat().st_size > 0

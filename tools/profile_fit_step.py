@@ -1,0 +1,204 @@
+"""Where a pure-bf16 ``model.fit`` step spends its time on Keras's JAX backend.
+
+Measured on the H200 (docs/bench_gpu.md): at 101M parameters a tf_bf16 step
+took 3.1x mixed precision's, while the optimizer update alone was as fast as
+mixed precision's Adam. This tool is the next measurement. For each variant
+given, in its own process (one device, its own memory), it builds the GPT-style
+char model of ``bench-gpu`` (tf_bf16/lab/tasks/transformer_lm.build_model) and:
+
+1. times ``model.fit`` steps (median of rounds, as bench-gpu);
+2. times the jitted train step the same way with the optimizer's update taken
+   out (gradients computed, weights untouched: Keras's trainer with
+   ``optimizer.apply`` replaced by a no-op), so that step - forward/backward =
+   the update's share inside the step;
+3. writes XLA's optimized HLO of the train step and counts its top-level
+   instructions (kernels: fusions, custom calls, copies; with
+   ``--xla-dump DIR`` XLA's own dump too).
+
+Run it under ``nsys profile --stats=true`` (tools/h200/profile_fit.sh does when
+nsys is installed) to get the kernel table of each process. On a CPU (JAX's CPU
+backend) it runs at any size; ``--tiny`` is the tests' size.
+
+  KERAS_BACKEND=jax python tools/profile_fit_step.py --variants mixed_bfloat16,nearest,stochastic
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = 1234
+TINY = dict(seq_len=32, dim=64, heads=2, ff_dim=256, layers=2, batch_size=4)
+# The configuration of docs/results.md's GPU run (101M parameters).
+GPU_101M = dict(seq_len=512, dim=1024, heads=16, ff_dim=4096, layers=8, batch_size=16)
+
+
+def _log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def kernel_counts(hlo_text):
+    """Counts of the entry computation's instructions by opcode (what runs as
+    kernels or copies; parameters, tuples and bitcasts cost nothing)."""
+    entry = hlo_text[hlo_text.index("ENTRY"):]
+    counts = collections.Counter()
+    for line in entry.splitlines()[1:]:
+        match = re.search(r"= \S+ ([a-z][\w-]*)\(", line)
+        if match and match.group(1) not in ("parameter", "tuple", "get-tuple-element",
+                                            "bitcast", "constant"):
+            counts[match.group(1)] += 1
+    return counts
+
+
+def _median_ms(run, steps, rounds):
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run(steps)
+        times.append(1e3 * (time.perf_counter() - started) / steps)
+    return statistics.median(times), times
+
+
+def measure(variant, spec, steps, rounds, out_dir):
+    """One variant, in this process: fit step, step without the update, HLO counts."""
+    import jax
+    import keras
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    from tf_bf16.lab import runner
+    from tf_bf16.lab.tasks import transformer_lm
+
+    runner._set_policy(variant, SEED, {})
+    keras.utils.set_random_seed(SEED)
+    sizes = {k: v for k, v in spec.items() if k != "batch_size"}
+    model = transformer_lm.build_model(seed=SEED, name=f"gpt_{variant}", **sizes)
+    optimizer = runner.make_optimizer(
+        variant, {"optimizer": "adam", "optimizer_kwargs": {}, "learning_rate": 3e-4}, SEED)
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    batch = spec["batch_size"]
+    rng = np.random.default_rng(SEED)
+    ids = rng.integers(0, 128, size=(batch, spec["seq_len"] + 1), dtype=np.int32)
+    x, y = ids[:, :-1], ids[:, 1:]
+    params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
+    _log(f"{variant}: {params:,} parameters")
+
+    model._symbolic_build(data_batch=(x, y))
+    model.optimizer.build(model.trainable_variables)
+    state = (
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        [v.value for v in model.optimizer.variables],
+        [v.value for v in model.metrics_variables],
+    )
+
+    def timed_step(train_step):
+        step = jax.jit(train_step, donate_argnums=0)
+        started = time.perf_counter()
+        compiled = step.lower(state, (x, y)).compile()
+        compile_s = time.perf_counter() - started
+        holder = {"state": jax.tree_util.tree_map(lambda a: a.copy(), state)}
+
+        def run(count):
+            current = holder["state"]
+            for _ in range(count):
+                _, current = compiled(current, (x, y))
+            jax.block_until_ready(current)
+            holder["state"] = current
+
+        run(2)
+        median, times = _median_ms(run, steps, rounds)
+        return compiled, compile_s, median, times
+
+    compiled, compile_s, full_ms, full_times = timed_step(model.train_step)
+    counts = kernel_counts(compiled.as_text())
+    with open(os.path.join(out_dir, f"hlo_{variant}.txt"), "w") as f:
+        f.write(compiled.as_text())
+
+    # The same step without the update: gradients computed, nothing applied.
+    original_apply = model.optimizer.stateless_apply
+
+    # A float32 scalar among the optimizer's variables (the learning rate) carries
+    # a sum of every gradient times 0.0, so that XLA keeps the backward pass
+    # (it does not fold a float multiply by zero: NaN * 0 is NaN).
+    keep = next(i for i, v in enumerate(model.optimizer.variables)
+                if v.dtype == "float32" and tuple(v.shape) == ())
+
+    def no_update(optimizer_variables, grads, trainable_variables):
+        total = sum(jax.numpy.sum(g.astype("float32")) for g in grads)
+        kept = list(optimizer_variables)
+        kept[keep] = kept[keep] + 0.0 * total
+        return trainable_variables, kept
+
+    model.optimizer.stateless_apply = no_update
+    try:
+        _, _, grad_ms, grad_times = timed_step(model.train_step)
+    finally:
+        model.optimizer.stateless_apply = original_apply
+    result = {"variant": variant, "parameters": params, "step_ms": full_ms,
+              "step_round_ms": full_times, "no_update_ms": grad_ms,
+              "no_update_round_ms": grad_times, "update_share_ms": full_ms - grad_ms,
+              "compile_s": compile_s, "kernels": dict(counts),
+              "device": str(jax.devices()[0])}
+    _log(f"{variant}: step {full_ms:.2f} ms, without the update {grad_ms:.2f} ms, "
+         f"update {full_ms - grad_ms:.2f} ms; compile {compile_s:.1f} s; "
+         f"{sum(counts.values())} top-level instructions {dict(counts.most_common(4))}")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="mixed_bfloat16,nearest,stochastic,kahan",
+                        help="comma-separated, one process each (default: %(default)s)")
+    parser.add_argument("--tiny", action="store_true", help="the tests' size (seconds on a CPU)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per round (default 10)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; the median is kept")
+    parser.add_argument("--out", default="out/profile_fit", help="HLO and JSON go here")
+    parser.add_argument("--xla-dump", metavar="DIR",
+                        help="also XLA's own dump (--xla_dump_to DIR/<variant>)")
+    parser.add_argument("--one", metavar="VARIANT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    spec = TINY if args.tiny else GPU_101M
+    os.makedirs(args.out, exist_ok=True)
+    if args.one:
+        result = measure(args.one, spec, args.steps, args.rounds, args.out)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    results = []
+    for variant in args.variants.split(","):
+        env = dict(os.environ, KERAS_BACKEND="jax")
+        if args.xla_dump:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                                f" --xla_dump_to={os.path.join(args.xla_dump, variant)}").strip()
+        command = [sys.executable, os.path.abspath(__file__), "--one", variant, "--out",
+                   args.out, "--steps", str(args.steps), "--rounds", str(args.rounds)]
+        if args.tiny:
+            command.append("--tiny")
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+        lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+        if done.returncode or not lines:
+            _log(f"{variant}: failed (exit status {done.returncode})")
+            continue
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    with open(os.path.join(args.out, "profile_fit.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"{'variant':<16} {'step ms':>8} {'no update':>9} {'update':>7} {'kernels':>8}  "
+          "top instructions")
+    for r in results:
+        top = ", ".join(f"{k} {n}" for k, n in sorted(r["kernels"].items(),
+                                                      key=lambda kv: -kv[1])[:4])
+        print(f"{r['variant']:<16} {r['step_ms']:8.2f} {r['no_update_ms']:9.2f} "
+              f"{r['update_share_ms']:7.2f} {sum(r['kernels'].values()):8d}  {top}")
+    return 0 if len(results) == len(args.variants.split(",")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
