@@ -18,7 +18,8 @@
 #      against a device copy, launch configurations swept, and compared with the
 #      first H200 run (docs/h200/harness.json): harness.txt, harness.json;
 #   5. the PyTorch peers, same run (cc/harness/torch_peers.py): torch_peers.txt/json;
-#   6. summary.txt: the verdict lines and tf_bf16 against the peers.
+#   6. summary.txt: the verdict lines and tf_bf16 against the peers; on the GPU every
+#      other file then goes into h200_run.tgz (the device tool returns at most 8 files).
 # Time limits: 150 s for stages 2-3 together, then 290 s harness, 80 s peers:
 # about 9 minutes in all, within the 10-minute call.
 # LOCAL=1: a dry run on a machine without a GPU (JAX's CPU backend, the harness as plain
@@ -95,4 +96,11 @@ stamp summary
   python3 tools/h200/summary.py "$OUT/harness.json" "$OUT/torch_peers.json" docs/h200/harness.json
   sed -n '/^against /,$p' "$OUT/harness.txt" 2>/dev/null
 } 2>&1 | tee "$OUT/summary.txt"
+if [ "$LOCAL" != 1 ]; then
+  # The device tool returns at most 8 files (the second run lost six): everything in
+  # one archive, the summary beside it.
+  tar czf /tmp/h200_run.tgz -C "$OUT" . \
+    && find "$OUT" -mindepth 1 -maxdepth 1 ! -name summary.txt -exec rm -rf {} + \
+    && mv /tmp/h200_run.tgz "$OUT/"
+fi
 stamp done
