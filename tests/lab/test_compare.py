@@ -269,21 +269,38 @@ def test_results_writes_report_before_plotting(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="plotting failed"):
         _main(["results", "--from-json", os.path.join(ROOT, "docs", "results", "results.json"),
                "--output", str(output)])
-    with open(os.path.join(ROOT, "docs", "results.md")) as f:
-        assert output.read_text() == f.read()
+    assert output.read_text() == _committed_cpu_sections()
     assert json.loads((tmp_path / "results" / "results.json").read_text())["tasks"]
 
 
+def _committed_cpu_sections():
+    """docs/results.md without its GPU section (rendered from docs/results/gpu/)."""
+    with open(os.path.join(ROOT, "docs", "results.md")) as f:
+        text = f.read()
+    cpu, _, _ = text.partition("\n\n## GPU runs:")
+    return cpu if cpu == text else cpu + "\n"
+
+
 def test_committed_results_rerender_identically(tmp_path):
-    """docs/results.md is what `results --from-json docs/results/results.json` renders."""
+    """docs/results.md is what `results --from-json docs/results/results.json
+    --gpu-json docs/results/gpu/results.json` renders (the CPU sections alone
+    without the GPU JSON)."""
     shutil.copy(os.path.join(ROOT, "docs", "results_discussion.md"), tmp_path)
     output = tmp_path / "results.md"
     status, _ = _main(["results", "--from-json",
                        os.path.join(ROOT, "docs", "results", "results.json"),
                        "--output", str(output)])
     assert status == 0
-    with open(os.path.join(ROOT, "docs", "results.md")) as f:
-        assert output.read_text() == f.read()
+    assert output.read_text() == _committed_cpu_sections()
+    gpu_json = os.path.join(ROOT, "docs", "results", "gpu", "results.json")
+    if os.path.exists(gpu_json):
+        with_gpu = tmp_path / "with_gpu.md"
+        status, _ = _main(["results", "--from-json",
+                           os.path.join(ROOT, "docs", "results", "results.json"),
+                           "--gpu-json", gpu_json, "--output", str(with_gpu)])
+        assert status == 0
+        with open(os.path.join(ROOT, "docs", "results.md")) as f:
+            assert with_gpu.read_text() == f.read()
     pngs = sorted(p.name for p in (tmp_path / "results").glob("*.png"))
     assert pngs == sorted(f"{name}.png" for name in json.loads(
         (tmp_path / "results" / "results.json").read_text())["tasks"])
