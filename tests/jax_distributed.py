@@ -390,7 +390,7 @@ def process_fit(kind, optimizer_name, rounding, seed, process=None):
         class_name, kwargs = OPTIMIZERS[optimizer_name]
         optimizer = getattr(tf_bf16.optimizers, class_name)(rounding=rounding, seed=seed,
                                                             **kwargs)
-        drawn_seed = optimizer.seed
+        drawn_seed = optimizer._initial_seed   # this process's own draw (seed=None)
         model = build_model(kind)
         model.compile(optimizer=optimizer, loss=linear_loss)
         # (Before training, a multi-process variable's shards cannot be read

@@ -66,9 +66,11 @@ def test_bytes_per_parameter_of_pure_bf16_training(make_optimizer, expected_byte
     assert report.training_state.trainable_parameters == model.count_params() - 8  # BN stats
     kahan = report.variables_with_role("kahan buffer")
     assert len(kahan) == (len(trainable) if optimizer.rounding == "kahan" else 0)
-    # The counter and the learning rate are bookkeeping, not per-parameter state.
+    # The counter, the learning rate and the rounding seed (int32) are bookkeeping, not
+    # per-parameter state: listed (they are in every checkpoint), not in the B/parameter.
     bookkeeping = {row.path for row in report.variables_with_role("bookkeeping")}
-    assert {optimizer.iterations.path, optimizer._learning_rate.path} <= bookkeeping
+    assert {optimizer.iterations.path, optimizer._learning_rate.path,
+            optimizer.rounding_seed.path} <= bookkeeping
 
 
 def test_mixed_bfloat16_with_keras_adam_is_12_bytes_and_float32_work():
@@ -183,7 +185,8 @@ def test_report_prints_aligned_text_markdown_and_json(bf16_cnn):
     header = next(i for i, line in enumerate(lines) if line.startswith("path "))
     dtype_column = lines[header].index("dtype")
     for line in lines[header + 2:header + 2 + len(report.variables)]:
-        assert line[dtype_column:].split()[0] in ("bfloat16", "float32", "int64")
+        # int32: the optimizer's rounding_seed variable.
+        assert line[dtype_column:].split()[0] in ("bfloat16", "float32", "int32", "int64")
 
     markdown = report.to_markdown()
     assert "| path | owner | class | role | dtype | shape | bytes |" in markdown

@@ -88,7 +88,11 @@ def test_one_device_runs_its_half_and_says_the_rest_was_not_run(tmp_path):
     assert results["bytes"]["sr"]["ring_all_reduce_bytes_sent_per_device"] == 0
 
 
-def test_collective_bytes_from_compiled_hlo():
+def test_collective_bytes_from_compiled_hlo(monkeypatch):
+    # Importing the tool sets KERAS_BACKEND=jax where it is unset (setdefault): kept out
+    # of this process's environment, which later tests' subprocesses inherit (they
+    # would run on JAX). Restored (or removed) after the test.
+    monkeypatch.setenv("KERAS_BACKEND", os.environ.get("KERAS_BACKEND", "tensorflow"))
     import data_parallel
 
     hlo = "\n".join([

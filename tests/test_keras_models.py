@@ -129,7 +129,8 @@ def dataset(kind, digits):
 
 def check_all_bf16(model):
     """Every float model variable bf16 (LSTM/GRU also hold an int64 dropout seed
-    state, not per-parameter state); optimizer: bf16 except iterations and lr."""
+    state, not per-parameter state); optimizer: bf16 except iterations, lr and the
+    int32 rounding seed (scalars, not per-parameter state)."""
     for v in model.variables:
         if "seed_generator_state" in v.path:
             assert v.dtype == "int64" and not v.trainable
@@ -141,6 +142,8 @@ def check_all_bf16(model):
             assert v.dtype == "int64"
         elif v is optimizer._learning_rate:
             assert v.dtype == "float32"
+        elif v is optimizer.rounding_seed:
+            assert v.dtype == "int32" and tuple(v.shape) == () and not v.trainable
         else:
             assert v.dtype == "bfloat16", v.path
 
@@ -194,7 +197,8 @@ def test_dense_fit_every_optimizer_and_rounding(name, rounding, digits):
     kahan = [v for v in optimizer.variables if "kahan" in v.path]
     assert len(kahan) == (n if rounding == "kahan" else 0)
     slots = {"SGD": 1, "Adam": 2, "AdamW": 2, "Lion": 1}[name]
-    assert len(optimizer.variables) == 2 + n * slots + len(kahan)
+    # iterations, learning_rate and the int32 rounding_seed, then the per-parameter state.
+    assert len(optimizer.variables) == 3 + n * slots + len(kahan)
 
 
 def test_stock_adam_in_pure_bf16_does_not_train(digits):

@@ -41,6 +41,8 @@ import tensorflow as tf
 from tf_bf16 import ops
 from tf_bf16 import reference
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 from conftest import assert_bits_equal, bits
 
 N_SIGMA = 5.0
@@ -647,7 +649,9 @@ def test_results_independent_of_thread_count(tmp_path):
     """
     script = tmp_path / "threads.py"
     script.write_text(_THREADS_SCRIPT)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    # The child imports this checkout (not whatever tf_bf16 is installed).
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     procs = {}
     for threads in (1, 2):
         out = tmp_path / f"out_{threads}.npz"

@@ -50,7 +50,9 @@ def train(kind, optimizer_name, rounding, seed, strategy=None):
         loss = linear_loss if kind == "exact" else keras.losses.SparseCategoricalCrossentropy(
             from_logits=True)
         model.compile(optimizer=optimizer, loss=loss)
-    drawn_seed = optimizer.seed   # before training: this process's own draw if seed=None
+    # This process's own draw if seed=None (the rounding_seed variable, created in the
+    # strategy's scope, may already hold worker 0's).
+    drawn_seed = optimizer._initial_seed
     initial = initial_values(model)
     x, y = exact_data() if kind == "exact" else real_data()
     model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0)
@@ -178,7 +180,7 @@ def train_custom_loop(kind, optimizer_name, rounding, seed, strategy, init_seed=
         model = build_model(kind)
         optimizer = getattr(tf_bf16.optimizers, class_name)(rounding=rounding, seed=seed,
                                                             **kwargs)
-        drawn_seed = optimizer.seed
+        drawn_seed = optimizer._initial_seed   # this process's own draw if seed=None
         optimizer.build(model.trainable_variables)
     initial = initial_values(model)
     loss_fn = linear_loss if kind == "exact" else keras.losses.SparseCategoricalCrossentropy(

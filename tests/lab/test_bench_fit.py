@@ -211,9 +211,10 @@ def test_state_bytes_small_model():
     assert measured["bytes_per_parameter"] == 8.0
     assert measured["weight_dtypes"] == ["bfloat16"]
     assert measured["slot_dtypes"] == ["bfloat16"]
-    assert measured["excluded_optimizer_scalars"] == ["iteration", "learning_rate"]
-    # int64 iteration + float32 learning rate
-    assert measured["excluded_optimizer_scalar_bytes"] == 12
+    assert measured["excluded_optimizer_scalars"] == ["iteration", "learning_rate",
+                                                      "rounding_seed"]
+    # int64 iteration + float32 learning rate + int32 rounding seed
+    assert measured["excluded_optimizer_scalar_bytes"] == 16
     assert measured["excluded_non_trainable_variables"] == 0
 
 

@@ -115,6 +115,11 @@ class Bf16Optimizer:
         # A drawn seed differs from process to process; build() agrees on one.
         self._seed_drawn = seed is None
         seed = self._initial_seed = resolve_seed(seed)
+        if self._seed_drawn and keras.backend.backend() == "jax":
+            # JAX checks that a replicated variable starts equal in every process
+            # (jax.distributed): the drawn seed is agreed on (process 0's) before the
+            # variable exists. One process: unchanged. (TensorFlow: in build().)
+            seed = ops.agreed_seed(self, seed)
         # Created here, beside Keras's iteration counter, so that it exists before
         # the first train step reads it (BatchNormalization statistics, before the
         # optimizer is built) and is restored with every checkpoint of the optimizer.
@@ -142,7 +147,10 @@ class Bf16Optimizer:
             return
         super().build(variables)
         policy.check_optimizer_variables(self, variables)
-        if self._seed_drawn:   # drawn in each process: every worker takes worker 0's
+        # Drawn in each process: every worker takes worker 0's (JAX: agreed already,
+        # before the variable was created; an assignment in only some processes would
+        # not be one value on each).
+        if self._seed_drawn and keras.backend.backend() != "jax":
             agreed = ops.agreed_seed(self, self._initial_seed)
             if agreed != self._initial_seed:
                 self._rounding_seed.assign(agreed)
