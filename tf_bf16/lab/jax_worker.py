@@ -82,6 +82,16 @@ class _Worker:
         self.stop_at_step = stop_at_step
         self.label = f"{self.task.name} seed {self.seed} {report.LABELS[variant]}"
         self.stage = "starting"
+        # Seconds JAX has spent tracing, lowering and compiling in this process
+        # (jax.monitoring's /jax/core/compile/ events), for the pause decision.
+        self._compile_s = 0.0
+        import jax.monitoring
+
+        def count_compilation(event, duration_secs, **_):
+            if event.startswith("/jax/core/compile/"):
+                self._compile_s += duration_secs
+
+        jax.monitoring.register_event_duration_secs_listener(count_compilation)
 
     def _path(self, name):
         return os.path.join(self.variant_dir, name)
@@ -214,6 +224,7 @@ class _Worker:
                            f"{self.variant_dir}")
                 return PAUSED
             segment_started = time.perf_counter()
+            compile_before = self._compile_s
             epoch = step // per_epoch
             first, last = step - epoch * per_epoch, end - epoch * per_epoch
             self.stage = f"training (steps {step + 1}-{end})"
@@ -236,7 +247,11 @@ class _Worker:
                 metric_text = f"{self.task.metric} {report.format_metric(self.task, value)}"
             if end == late_start:
                 snapshot = [np.array(v.value) for v in self.model.trainable_variables]
-            last_cost = time.perf_counter() - segment_started
+            # The next segment's predicted cost leaves out what this one spent
+            # tracing and compiling (the first segment of a piece: 35-60 s on the
+            # H200), which the next one does not repeat.
+            last_cost = max(time.perf_counter() - segment_started
+                            - (self._compile_s - compile_before), 0.0)
             if first_segment_s is None:
                 first_segment_s = time.perf_counter() - piece_started
             _log_line(self.label, step, total, loss, metric_text,
