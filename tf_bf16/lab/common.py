@@ -162,15 +162,12 @@ def _op_library_build_info():
         return {}
 
 
-def machine_info(tf, keras):
-    """CPU, memory, versions, thread pools and op-library flags, for a results file."""
+def _host_info():
+    """The host's part of a results file's machine facts: CPU, cores, memory, OS, Python."""
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = None
-    flags = [x for x in _op_library_build_info().get("compile_flags", [])
-             if x.startswith(("-O", "-m", "-ffp", "-march"))]
-    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")
     return {
         "cpu": _cpu_model(),
         "cpu_flags": _cpu_flags(),
@@ -179,6 +176,16 @@ def machine_info(tf, keras):
         "memory_bytes": _memory_total(),
         "os": platform.platform(),
         "python": platform.python_version(),
+    }
+
+
+def machine_info(tf, keras):
+    """CPU, memory, versions, thread pools and op-library flags, for a results file."""
+    flags = [x for x in _op_library_build_info().get("compile_flags", [])
+             if x.startswith(("-O", "-m", "-ffp", "-march"))]
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")
+    return {
+        **_host_info(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default",
@@ -197,21 +204,11 @@ def jax_machine_info():
     import jax
     import keras
 
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
         "backend": "jax",
-        "cpu": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": affinity,
-        "memory_bytes": _memory_total(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
+        **_host_info(),
         "jax": jax.__version__,
         "keras": keras.__version__,
         "device": device.device_kind,

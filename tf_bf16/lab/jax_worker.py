@@ -310,10 +310,7 @@ class _Worker:
             "train_loss": progress["train_loss"],
             "steps": int(np.asarray(optimizer.iterations.value)),
             "steps_per_epoch": self.cfg["steps_per_epoch"], "epochs": self.cfg["epochs"],
-            "optimizer": type(optimizer).__module__.split(".")[0] + "."
-                         + type(optimizer).__name__
-                         + (f"(rounding={optimizer.rounding!r})"
-                            if getattr(optimizer, "rounding", None) else ""),
+            "optimizer": runner.optimizer_label(optimizer),
             "dtype_policy": keras.config.dtype_policy().name,
             "bytes_per_parameter": float(state.bytes_per_parameter),
             "trainable_parameters": int(state.trainable_parameters),

@@ -280,6 +280,13 @@ def _steps_per_epoch(data, cfg):
 # ---------------------------------------------------------------------------
 # Measurements.
 
+def optimizer_label(optimizer):
+    """`keras.Adam`, `tf_bf16.Adam(rounding='kahan')`: the optimizer of a result row."""
+    rounding = getattr(optimizer, "rounding", None)
+    return (type(optimizer).__module__.split(".")[0] + "." + type(optimizer).__name__
+            + (f"(rounding={rounding!r})" if rounding else ""))
+
+
 def _state_dtypes(keras, model, optimizer):
     """Dtypes of every model variable and every per-parameter optimizer variable."""
     names = set()
@@ -528,10 +535,7 @@ def _train_variant(task, variant, seed, data, initial_weights, cfg, progress, st
         "steps": int(optimizer.iterations.numpy()),
         "steps_per_epoch": steps,
         "epochs": epochs,
-        "optimizer": type(optimizer).__module__.split(".")[0] + "."
-                     + type(optimizer).__name__
-                     + (f"(rounding={optimizer.rounding!r})"
-                        if getattr(optimizer, "rounding", None) else ""),
+        "optimizer": optimizer_label(optimizer),
         "dtype_policy": keras.config.dtype_policy().name,
         "bytes_per_parameter": float(state.bytes_per_parameter),
         "trainable_parameters": int(state.trainable_parameters),
