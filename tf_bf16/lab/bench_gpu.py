@@ -149,18 +149,6 @@ def _depths(text):
     return values
 
 
-def _positive_float(text):
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError("must be a finite number > 0")
-    return value
-
-
 def add_arguments(parser):
     """Adds the bench-gpu options to an argparse parser."""
     parser.add_argument(
@@ -204,7 +192,7 @@ def add_arguments(parser):
         "--capacity-depths", type=_depths, default=[1, 2], metavar="D1,D2",
         help="capacity: the two depths whose compiled memory is extrapolated (default 1,2)")
     parser.add_argument(
-        "--memory-limit", type=_positive_float, metavar="GIB",
+        "--memory-limit", type=common.positive_float, metavar="GIB",
         help="capacity: the memory to fill, in GiB, instead of the device's limit (JAX's "
              "bytes_limit; needed on a CPU, which has none)")
     parser.add_argument(
@@ -229,7 +217,7 @@ def add_arguments(parser):
              "GPU's memory JAX may use (default 0.95; JAX's own default is 0.75); an "
              "XLA_PYTHON_CLIENT_MEM_FRACTION already set wins")
     parser.add_argument(
-        "--max-minutes", type=_positive_float, metavar="M",
+        "--max-minutes", type=common.positive_float, metavar="M",
         help="stop starting measurements after M minutes (and stop a running one at M); "
              "what is not measured is SKIPPED")
     parser.add_argument(

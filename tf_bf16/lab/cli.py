@@ -24,7 +24,6 @@ before anything is trained.
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -149,16 +148,6 @@ Example:
 # ---------------------------------------------------------------------------
 # Command line.
 
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError("must be a finite number > 0")
-    return value
-
-
 def _fraction(text):
     try:
         value = float(text)
@@ -188,7 +177,7 @@ def _add_training_options(parser):
         help="optimizer steps per epoch, overriding the task's (for array data: the first N "
              "batches of each shuffled epoch)")
     parser.add_argument(
-        "--learning-rate", type=_positive_float, metavar="LR",
+        "--learning-rate", type=common.positive_float, metavar="LR",
         help="learning rate, overriding the task's (see 'list')")
     parser.add_argument(
         "--batch-size", type=common.positive_int, metavar="B",
@@ -227,7 +216,7 @@ def _add_backend_options(parser):
              "transformer_lm (101M parameters, sequence 512, batch 16, 2,000 steps, Adam "
              "6e-4 with 5%% warmup and cosine decay to 0; 'list' shows the tasks)")
     jax.add_argument(
-        "--max-minutes", type=_positive_float, metavar="M",
+        "--max-minutes", type=common.positive_float, metavar="M",
         help="with --backend jax: stop before M minutes have passed, at the end of a "
              "learning-curve segment, with the running variant's state saved (exit status "
              "3); continue with --resume")

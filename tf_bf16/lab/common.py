@@ -10,6 +10,7 @@ every such import is inside the function that needs it.
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import sys
@@ -82,6 +83,17 @@ def int_at_least(minimum):
 
 
 positive_int = int_at_least(1)
+
+
+def positive_float(text):
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError("must be a finite number > 0")
+    return value
 non_negative_int = int_at_least(0)
 
 CHECK_HELP = ("exit with status 1 when any target is MISS, after listing the missed targets "
