@@ -6,14 +6,20 @@ mixed precision's Adam. This tool is the next measurement. For each variant
 given, in its own process (one device, its own memory), it builds the GPT-style
 char model of ``bench-gpu`` (tf_bf16/lab/tasks/transformer_lm.build_model) and:
 
-1. times ``model.fit`` steps (median of rounds, as bench-gpu);
-2. times the jitted train step the same way with the optimizer's update taken
-   out (gradients computed, weights untouched: Keras's trainer with
-   ``optimizer.apply`` replaced by a no-op), so that step - forward/backward =
-   the update's share inside the step;
-3. writes XLA's optimized HLO of the train step and counts its top-level
+1. times Keras's jitted train step (median of rounds);
+2. times the same step with the optimizer's update taken out (gradients
+   computed, weights untouched: ``optimizer.stateless_apply`` replaced by a
+   no-op), so that step - forward/backward = the update's share inside the step;
+3. times the update alone (``optimizer.stateless_apply`` jitted by itself on
+   fixed gradients), to compare with its share inside the step;
+4. times ``model.fit`` itself (one epoch of the same batch repeated, after a
+   warm-up epoch), so that fit's own overhead shows beside the jitted step;
+5. writes XLA's optimized HLO of the train step and counts its top-level
    instructions (kernels: fusions, custom calls, copies; with
    ``--xla-dump DIR`` XLA's own dump too).
+
+Variant ``stock`` (Keras's "bfloat16" policy with the stock Keras optimizer)
+is the control: the same pure-bf16 forward and backward pass without tf_bf16.
 
 Run it under ``nsys profile --stats=true`` (tools/h200/profile_fit.sh does when
 nsys is installed) to get the kernel table of each process. On a CPU (JAX's CPU
@@ -65,7 +71,37 @@ def _median_ms(run, steps, rounds):
     return statistics.median(times), times
 
 
-def measure(variant, spec, steps, rounds, out_dir):
+def traced_kernels(run, trace_dir, steps=3, top=30):
+    """Runs `steps` steps under JAX's profiler and returns the `top` device
+    events by total time, [(name, ms per step, count per step)]: the kernels of
+    the step on a GPU (XLA's fusion names, as in the HLO), XLA's ops on a CPU."""
+    import gzip
+    import glob
+
+    import jax
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        run(steps)
+    found = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not found:
+        _log(f"no perfetto trace under {trace_dir}")
+        return []
+    with gzip.open(sorted(found)[-1]) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    devices = {pid for pid, name in processes.items() if "/device:" in name}
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and (e["pid"] in devices or not devices):
+            totals[e["name"]] += e.get("dur", 0.0)
+            counts[e["name"]] += 1
+    return [(name, round(total / 1e3 / steps, 4), counts[name] / steps)
+            for name, total in totals.most_common(top)]
+
+
+def measure(variant, spec, steps, rounds, out_dir, trace=False):
     """One variant, in this process: fit step, step without the update, HLO counts."""
     import jax
     import keras
@@ -115,9 +151,11 @@ def measure(variant, spec, steps, rounds, out_dir):
 
         run(2)
         median, times = _median_ms(run, steps, rounds)
-        return compiled, compile_s, median, times
+        return compiled, compile_s, median, times, run
 
-    compiled, compile_s, full_ms, full_times = timed_step(model.train_step)
+    compiled, compile_s, full_ms, full_times, run_full = timed_step(model.train_step)
+    top_kernels = traced_kernels(run_full, os.path.join(out_dir, f"trace_{variant}")) \
+        if trace else []
     counts = kernel_counts(compiled.as_text())
     with open(os.path.join(out_dir, f"hlo_{variant}.txt"), "w") as f:
         f.write(compiled.as_text())
@@ -139,16 +177,46 @@ def measure(variant, spec, steps, rounds, out_dir):
 
     model.optimizer.stateless_apply = no_update
     try:
-        _, _, grad_ms, grad_times = timed_step(model.train_step)
+        _, _, grad_ms, grad_times, _ = timed_step(model.train_step)
     finally:
         model.optimizer.stateless_apply = original_apply
+
+    # The update alone, on gradients of the variables' shapes and dtypes.
+    key = jax.random.PRNGKey(SEED)
+    grads = [1e-3 * jax.random.normal(jax.random.fold_in(key, i), v.shape).astype(v.dtype)
+             for i, v in enumerate(model.trainable_variables)]
+    update = jax.jit(model.optimizer.stateless_apply, donate_argnums=(0, 2))
+    update_state = {"state": jax.tree_util.tree_map(lambda a: a.copy(), (state[2], state[0]))}
+
+    def run_update(count):
+        optimizer_values, trainable_values = update_state["state"]
+        for _ in range(count):
+            trainable_values, optimizer_values = update(optimizer_values, grads,
+                                                        trainable_values)
+        jax.block_until_ready(trainable_values)
+        update_state["state"] = (optimizer_values, trainable_values)
+
+    run_update(2)
+    update_ms, _ = _median_ms(run_update, steps, rounds)
+    del update_state
+
+    # model.fit itself: a warm-up epoch (compilation), then a timed one.
+    fit_steps = steps * rounds
+    fit_x, fit_y = np.repeat(x, fit_steps, axis=0), np.repeat(y, fit_steps, axis=0)
+    model.fit(fit_x[:2 * batch], fit_y[:2 * batch], batch_size=batch, epochs=1, verbose=0,
+              shuffle=False)
+    started = time.perf_counter()
+    model.fit(fit_x, fit_y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
+    fit_ms = 1e3 * (time.perf_counter() - started) / fit_steps
     result = {"variant": variant, "parameters": params, "step_ms": full_ms,
               "step_round_ms": full_times, "no_update_ms": grad_ms,
               "no_update_round_ms": grad_times, "update_share_ms": full_ms - grad_ms,
+              "update_alone_ms": update_ms, "fit_ms": fit_ms,
               "compile_s": compile_s, "kernels": dict(counts),
-              "device": str(jax.devices()[0])}
+              "device": str(jax.devices()[0]), "top_kernels": top_kernels}
     _log(f"{variant}: step {full_ms:.2f} ms, without the update {grad_ms:.2f} ms, "
-         f"update {full_ms - grad_ms:.2f} ms; compile {compile_s:.1f} s; "
+         f"update {full_ms - grad_ms:.2f} ms (alone {update_ms:.2f} ms); "
+         f"model.fit {fit_ms:.2f} ms/step; compile {compile_s:.1f} s; "
          f"{sum(counts.values())} top-level instructions {dict(counts.most_common(4))}")
     return result
 
@@ -156,7 +224,7 @@ def measure(variant, spec, steps, rounds, out_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="mixed_bfloat16,nearest,stochastic,kahan",
+    parser.add_argument("--variants", default="mixed_bfloat16,stock,nearest,stochastic,kahan",
                         help="comma-separated, one process each (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="the tests' size (seconds on a CPU)")
     parser.add_argument("--steps", type=int, default=10, help="steps per round (default 10)")
@@ -164,12 +232,14 @@ def main(argv=None):
     parser.add_argument("--out", default="out/profile_fit", help="HLO and JSON go here")
     parser.add_argument("--xla-dump", metavar="DIR",
                         help="also XLA's own dump (--xla_dump_to DIR/<variant>)")
+    parser.add_argument("--trace", action="store_true",
+                        help="also profile 3 steps (jax.profiler) and list the top kernels")
     parser.add_argument("--one", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     spec = TINY if args.tiny else GPU_101M
     os.makedirs(args.out, exist_ok=True)
     if args.one:
-        result = measure(args.one, spec, args.steps, args.rounds, args.out)
+        result = measure(args.one, spec, args.steps, args.rounds, args.out, trace=args.trace)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     results = []
@@ -182,21 +252,30 @@ def main(argv=None):
                    args.out, "--steps", str(args.steps), "--rounds", str(args.rounds)]
         if args.tiny:
             command.append("--tiny")
+        if args.trace:
+            command.append("--trace")
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
         lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
         if done.returncode or not lines:
             _log(f"{variant}: failed (exit status {done.returncode})")
             continue
         results.append(json.loads(lines[-1][len("RESULT "):]))
-    with open(os.path.join(args.out, "profile_fit.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"{'variant':<16} {'step ms':>8} {'no update':>9} {'update':>7} {'kernels':>8}  "
-          "top instructions")
+        # After each variant, so that a time limit keeps the ones done.
+        with open(os.path.join(args.out, "profile_fit.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    print(f"{'variant':<16} {'step ms':>8} {'no update':>9} {'update':>7} {'alone':>6} "
+          f"{'fit ms':>7} {'kernels':>8}  top instructions")
     for r in results:
         top = ", ".join(f"{k} {n}" for k, n in sorted(r["kernels"].items(),
                                                       key=lambda kv: -kv[1])[:4])
         print(f"{r['variant']:<16} {r['step_ms']:8.2f} {r['no_update_ms']:9.2f} "
-              f"{r['update_share_ms']:7.2f} {sum(r['kernels'].values()):8d}  {top}")
+              f"{r['update_share_ms']:7.2f} {r['update_alone_ms']:6.2f} {r['fit_ms']:7.2f} "
+              f"{sum(r['kernels'].values()):8d}  {top}")
+    for r in results:
+        if r.get("top_kernels"):
+            print(f"\n{r['variant']}: top kernels of one step (ms, launches)")
+            for name, ms, count in r["top_kernels"]:
+                print(f"  {ms:9.3f} {count:6.0f}  {name[:100]}")
     return 0 if len(results) == len(args.variants.split(",")) else 1
 
 

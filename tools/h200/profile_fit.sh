@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Where a pure-bf16 fit step spends its time on the H200 (docs/bench_gpu.md: at 101M
-# parameters tf_bf16's step took 3.1x mixed precision's). One device call, under 6 minutes:
+# parameters tf_bf16's step took 3.1x mixed precision's). One device call, under 9 minutes:
 #
-#   run(kind="nvidia-h200", timeout_s=420, carry=[".whl"], command="bash tools/h200/profile_fit.sh")
+#   run(kind="nvidia-h200", timeout_s=560, carry=[".whl"], command="bash tools/h200/profile_fit.sh")
 #
-# tools/profile_fit_step.py for mixed_bfloat16, nearest, stochastic and kahan at 101M
-# parameters: fit step, the same step without the update, the optimized HLO's kernel
-# counts; each variant under `nsys profile --stats=true` when nsys is installed (its
-# kernel summary per process). Writes everything to $OUT as one archive (the device tool
-# returns at most 8 files): profile.tgz, plus profile.txt (the table and nsys's top kernels).
+# tools/profile_fit_step.py --trace for mixed_bfloat16, stock (pure bf16, stock Keras Adam),
+# nearest, stochastic and kahan at 101M parameters, one process each: the jitted step, the
+# step without the update, the update alone, model.fit's step, the top kernels of a step
+# (JAX's profiler: nsys is not on the H200 machines), the optimized HLO and XLA's dump.
+# Writes $OUT/profile.txt (the tables) and $OUT/profile.tgz (JSON, HLO, the dump's
+# optimized train-step modules): the device tool returns at most 8 files.
 set -u
 export PYTHONUNBUFFERED=1 KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=3
 cd "$(dirname "$0")/../.."
@@ -22,20 +23,14 @@ if ! python3 -c "import keras" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
-  timeout 200 python3 tools/profile_fit_step.py --out "$WORK" --xla-dump "$WORK/xla_dump" \
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv
+  timeout "${PROFILE_TIMEOUT:-480}" python3 tools/profile_fit_step.py --trace --out "$WORK" \
+      --xla-dump "$WORK/xla_dump" --variants "${VARIANTS:-mixed_bfloat16,nearest,stock,stochastic,kahan}" \
       ${PROFILE_ARGS:-}
   echo "exit $?"
-  if command -v nsys > /dev/null; then
-    for variant in mixed_bfloat16 nearest; do
-      echo "== nsys: $variant"
-      timeout 90 nsys profile -t cuda --stats=false -o "$WORK/nsys_$variant" -f true \
-          python3 tools/profile_fit_step.py --one "$variant" --out "$WORK" --steps 5 --rounds 2 \
-          ${PROFILE_ARGS:-} > /dev/null 2>&1
-      nsys stats -r cuda_gpu_kern_sum -f csv "$WORK/nsys_$variant.nsys-rep" 2>/dev/null | head -25
-    done
-  else
-    echo "nsys not installed: no kernel table"
-  fi
 } 2>&1 | grep -v "^WARNING: All log\|^I0000" | tee "$OUT/profile.txt"
-tar czf "$OUT/profile.tgz" -C "$WORK" --exclude='*.sqlite' . 2>/dev/null
+# The dump's optimized train steps only (the rest is large and not read).
+(cd "$WORK" && find . -name '*.json' -o -name 'hlo_*.txt' \
+    -o -path './xla_dump/*' -name '*train_step*after_optimizations.txt') \
+  | tar czf "$OUT/profile.tgz" -C "$WORK" -T - 2>/dev/null
 ls -la "$OUT"
