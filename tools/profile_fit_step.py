@@ -20,6 +20,15 @@ char model of ``bench-gpu`` (tf_bf16/lab/tasks/transformer_lm.build_model) and:
 
 Variant ``stock`` (Keras's "bfloat16" policy with the stock Keras optimizer)
 is the control: the same pure-bf16 forward and backward pass without tf_bf16.
+A variant name ending in ``+f32embed`` (e.g. ``nearest+f32embed``) is the
+experiment on the Embedding layers' gradient: their backward pass sums the
+rows of repeated tokens into a float32 array (then rounds it once to the
+table's dtype) instead of Keras's scatter-add in the table's dtype.
+
+``--text`` takes the batches from the transformer_lm task's corpus (Python's
+standard library: characters repeat as in text) instead of uniform random ids;
+``--train-steps N`` trains N steps on them before measuring; ``--fit-only``
+measures ``model.fit`` and its kernels only (one compilation per variant).
 
 Run it under ``nsys profile --stats=true`` (tools/h200/profile_fit.sh does when
 nsys is installed) to get the kernel table of each process. On a CPU (JAX's CPU
@@ -101,7 +110,80 @@ def traced_kernels(run, trace_dir, steps=3, top=30):
             for name, total in totals.most_common(top)]
 
 
-def measure(variant, spec, steps, rounds, out_dir, trace=False):
+def measure_fit_only(label, model, spec, steps, rounds, out_dir, trace, params, data):
+    """model.fit's ms/step (median of `rounds` fits of `steps` steps) and the
+    top kernels of a traced fit of 3 steps."""
+    import jax
+    import numpy as np
+
+    batch = spec["batch_size"]
+    x, y = data
+    if len(x) < batch * steps:   # one batch: repeated
+        x, y = np.repeat(x, steps, axis=0), np.repeat(y, steps, axis=0)
+    x, y = x[-batch * steps:], y[-batch * steps:]
+
+    def run(count):
+        model.fit(x[:batch * count], y[:batch * count], batch_size=batch, epochs=1, verbose=0,
+                  shuffle=False)
+        jax.block_until_ready([v.value for v in model.trainable_variables])
+
+    run(1)
+    fit_ms, fit_times = _median_ms(run, steps, rounds)
+    top_kernels = traced_kernels(run, os.path.join(out_dir, f"trace_{label}")) if trace else []
+    result = {"variant": label, "parameters": params, "fit_ms": fit_ms,
+              "fit_round_ms": fit_times, "device": str(jax.devices()[0]),
+              "top_kernels": top_kernels}
+    _log(f"{label}: model.fit {fit_ms:.2f} ms/step (rounds {[round(t, 2) for t in fit_times]})")
+    return result
+
+
+def float32_embedding_gradients():
+    """Replaces Keras's Embedding.call: the same lookup, whose gradient sums the
+    rows of repeated ids in float32 and rounds the sum once to the table's dtype."""
+    import jax
+    import jax.numpy as jnp
+    import keras
+
+    @jax.custom_vjp
+    def take_rows(table, ids):
+        return jnp.take(table, ids, axis=0)
+
+    def forward(table, ids):
+        return jnp.take(table, ids, axis=0), (table, ids)
+
+    def backward(residual, cotangent):
+        table, ids = residual
+        total = jnp.zeros(table.shape, jnp.float32).at[ids].add(cotangent.astype(jnp.float32))
+        return total.astype(table.dtype), None
+
+    take_rows.defvjp(forward, backward)
+
+    def call(self, inputs):
+        if inputs.dtype not in ("int32", "int64"):
+            inputs = keras.ops.cast(inputs, "int32")
+        table = keras.ops.convert_to_tensor(self.embeddings)
+        return keras.ops.cast(take_rows(table, inputs), self.compute_dtype)
+
+    keras.layers.Embedding.call = call
+
+
+def text_batches(spec, count):
+    """`count` batches of windows of the transformer_lm task's training text."""
+    import numpy as np
+
+    from tf_bf16.lab.tasks import corpus
+
+    train_files, _ = corpus.split_files()
+    ids = corpus.encoded_corpus(train_files)
+    rng = np.random.default_rng(SEED)
+    length = spec["seq_len"] + 1
+    starts = rng.integers(0, len(ids) - length, size=count * spec["batch_size"])
+    windows = ids[starts[:, None] + np.arange(length)].astype(np.int32)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def measure(variant, spec, steps, rounds, out_dir, trace=False, text=False, train_steps=0,
+            fit_only=False):
     """One variant, in this process: fit step, step without the update, HLO counts."""
     import jax
     import keras
@@ -111,6 +193,12 @@ def measure(variant, spec, steps, rounds, out_dir, trace=False):
     from tf_bf16.lab import runner
     from tf_bf16.lab.tasks import transformer_lm
 
+    label = variant
+    variant, _, experiment = variant.partition("+")
+    if experiment == "f32embed":
+        float32_embedding_gradients()
+    elif experiment:
+        raise SystemExit(f"unknown experiment {experiment!r} (known: f32embed)")
     runner._set_policy(variant, SEED, {})
     keras.utils.set_random_seed(SEED)
     sizes = {k: v for k, v in spec.items() if k != "batch_size"}
@@ -120,11 +208,26 @@ def measure(variant, spec, steps, rounds, out_dir, trace=False):
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     batch = spec["batch_size"]
-    rng = np.random.default_rng(SEED)
-    ids = rng.integers(0, 128, size=(batch, spec["seq_len"] + 1), dtype=np.int32)
-    x, y = ids[:, :-1], ids[:, 1:]
+    if text:
+        text_x, text_y = text_batches(spec, 1 + train_steps + steps * rounds + 3)
+        x, y = text_x[:batch], text_y[:batch]
+    else:
+        rng = np.random.default_rng(SEED)
+        ids = rng.integers(0, 128, size=(batch, spec["seq_len"] + 1), dtype=np.int32)
+        x, y = ids[:, :-1], ids[:, 1:]
     params = int(sum(np.prod(v.shape) for v in model.trainable_variables))
-    _log(f"{variant}: {params:,} parameters")
+    _log(f"{label}: {params:,} parameters")
+    if train_steps:
+        data = (text_x[batch:], text_y[batch:]) if text else \
+            (np.repeat(x, train_steps, axis=0), np.repeat(y, train_steps, axis=0))
+        started = time.perf_counter()
+        model.fit(data[0][:train_steps * batch], data[1][:train_steps * batch],
+                  batch_size=batch, epochs=1, verbose=0, shuffle=False)
+        _log(f"{label}: trained {train_steps} steps first ({time.perf_counter() - started:.1f} s "
+             "with compilation)")
+    if fit_only:
+        return measure_fit_only(label, model, spec, steps, rounds, out_dir, trace, params,
+                                (text_x[batch:], text_y[batch:]) if text else (x, y))
 
     model._symbolic_build(data_batch=(x, y))
     model.optimizer.build(model.trainable_variables)
@@ -157,7 +260,7 @@ def measure(variant, spec, steps, rounds, out_dir, trace=False):
     top_kernels = traced_kernels(run_full, os.path.join(out_dir, f"trace_{variant}")) \
         if trace else []
     counts = kernel_counts(compiled.as_text())
-    with open(os.path.join(out_dir, f"hlo_{variant}.txt"), "w") as f:
+    with open(os.path.join(out_dir, f"hlo_{label}.txt"), "w") as f:
         f.write(compiled.as_text())
 
     # The same step without the update: gradients computed, nothing applied.
@@ -208,13 +311,13 @@ def measure(variant, spec, steps, rounds, out_dir, trace=False):
     started = time.perf_counter()
     model.fit(fit_x, fit_y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
     fit_ms = 1e3 * (time.perf_counter() - started) / fit_steps
-    result = {"variant": variant, "parameters": params, "step_ms": full_ms,
+    result = {"variant": label, "parameters": params, "step_ms": full_ms,
               "step_round_ms": full_times, "no_update_ms": grad_ms,
               "no_update_round_ms": grad_times, "update_share_ms": full_ms - grad_ms,
               "update_alone_ms": update_ms, "fit_ms": fit_ms,
               "compile_s": compile_s, "kernels": dict(counts),
               "device": str(jax.devices()[0]), "top_kernels": top_kernels}
-    _log(f"{variant}: step {full_ms:.2f} ms, without the update {grad_ms:.2f} ms, "
+    _log(f"{label}: step {full_ms:.2f} ms, without the update {grad_ms:.2f} ms, "
          f"update {full_ms - grad_ms:.2f} ms (alone {update_ms:.2f} ms); "
          f"model.fit {fit_ms:.2f} ms/step; compile {compile_s:.1f} s; "
          f"{sum(counts.values())} top-level instructions {dict(counts.most_common(4))}")
@@ -234,12 +337,19 @@ def main(argv=None):
                         help="also XLA's own dump (--xla_dump_to DIR/<variant>)")
     parser.add_argument("--trace", action="store_true",
                         help="also profile 3 steps (jax.profiler) and list the top kernels")
+    parser.add_argument("--text", action="store_true",
+                        help="batches of the transformer_lm corpus, not uniform random ids")
+    parser.add_argument("--train-steps", type=int, default=0, metavar="N",
+                        help="train N steps before measuring (default 0)")
+    parser.add_argument("--fit-only", action="store_true",
+                        help="measure model.fit (and its kernels with --trace) only")
     parser.add_argument("--one", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     spec = TINY if args.tiny else GPU_101M
     os.makedirs(args.out, exist_ok=True)
     if args.one:
-        result = measure(args.one, spec, args.steps, args.rounds, args.out, trace=args.trace)
+        result = measure(args.one, spec, args.steps, args.rounds, args.out, trace=args.trace,
+                         text=args.text, train_steps=args.train_steps, fit_only=args.fit_only)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     results = []
@@ -252,8 +362,10 @@ def main(argv=None):
                    args.out, "--steps", str(args.steps), "--rounds", str(args.rounds)]
         if args.tiny:
             command.append("--tiny")
-        if args.trace:
-            command.append("--trace")
+        for flag in ("trace", "text", "fit_only"):
+            if getattr(args, flag):
+                command.append("--" + flag.replace("_", "-"))
+        command += ["--train-steps", str(args.train_steps)]
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
         lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
         if done.returncode or not lines:
@@ -263,12 +375,15 @@ def main(argv=None):
         # After each variant, so that a time limit keeps the ones done.
         with open(os.path.join(args.out, "profile_fit.json"), "w") as f:
             json.dump(results, f, indent=1)
-    print(f"{'variant':<16} {'step ms':>8} {'no update':>9} {'update':>7} {'alone':>6} "
+    print(f"{'variant':<22} {'step ms':>8} {'no update':>9} {'update':>7} {'alone':>6} "
           f"{'fit ms':>7} {'kernels':>8}  top instructions")
     for r in results:
+        if "step_ms" not in r:   # --fit-only
+            print(f"{r['variant']:<22} {'':>8} {'':>9} {'':>7} {'':>6} {r['fit_ms']:7.2f}")
+            continue
         top = ", ".join(f"{k} {n}" for k, n in sorted(r["kernels"].items(),
                                                       key=lambda kv: -kv[1])[:4])
-        print(f"{r['variant']:<16} {r['step_ms']:8.2f} {r['no_update_ms']:9.2f} "
+        print(f"{r['variant']:<22} {r['step_ms']:8.2f} {r['no_update_ms']:9.2f} "
               f"{r['update_share_ms']:7.2f} {r['update_alone_ms']:6.2f} {r['fit_ms']:7.2f} "
               f"{sum(r['kernels'].values()):8d}  {top}")
     for r in results:
