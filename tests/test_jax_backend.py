@@ -180,3 +180,71 @@ def test_sparse_sgd_under_kahan_takes_the_dense_step_as_jax_does():
     assert_bits_equal(variable.value, np.asarray(want["variable"]), "weight")
     assert_bits_equal(optimizer._compensations[0].value, np.asarray(want["compensation"]),
                       "compensation")
+
+
+EMBEDDING_GRADIENT_CHECK = r"""
+import json, sys
+import jax, jax.numpy as jnp, keras, ml_dtypes, numpy as np
+import tf_bf16
+from tf_bf16 import keras_hooks
+
+def table_gradient(ids, cotangent, table):
+    layer = keras.layers.Embedding(table.shape[0], table.shape[1], dtype="bfloat16")
+    layer.build()
+    layer.embeddings.assign(table)
+    assert np.array_equal(np.asarray(layer(jnp.asarray(ids)), np.float32),
+                          np.asarray(table, np.float32)[ids]), "the lookup changed"
+    def loss(t):
+        out, _ = layer.stateless_call([t], [], jnp.asarray(ids))
+        return jnp.sum(out.astype(jnp.float32) * cotangent)
+    return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(table)), np.float32).tolist()
+
+case = json.loads(sys.argv[1])
+ids = np.asarray(case["ids"], np.int32)
+cotangent = np.asarray(case["cotangent"], np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+table = np.asarray(case["table"], np.float32).astype(ml_dtypes.bfloat16)
+out = {"stock": table_gradient(ids, cotangent, table)}
+tf_bf16.set_policy()
+out["policy"] = table_gradient(ids, cotangent, table)
+tf_bf16.reset_policy()
+out["after_reset"] = table_gradient(ids, cotangent, table)
+keras_hooks.float32_embedding_gradients()
+out["forced"] = table_gradient(ids, cotangent, table)
+keras_hooks.float32_embedding_gradients(False)
+out["unforced"] = table_gradient(ids, cotangent, table)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_policy_sums_embedding_gradients_in_float32_on_jax():
+    """Under the policy on JAX, a bf16 Embedding table's gradient is the float32 sum
+    of its occurrences rounded once to bf16; Keras's is a bf16 scatter-add. Row 0
+    gets 1.0 then 64 x 2**-9: each 2**-9 is below half an ulp of 1.0 in bf16
+    (2**-8), so bf16 adds in that order stay at 1.0, while the float32 sum 1.125 is
+    a bf16 value. Rows 1-3: random occurrences, against NumPy's float32 sums."""
+    import ml_dtypes
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    ids = np.concatenate([np.zeros(65, np.int32), rng.integers(1, 4, size=200)])
+    cotangent = np.zeros((len(ids), 4), np.float32)
+    cotangent[0] = 1.0
+    cotangent[1:65] = 2.0**-9
+    cotangent[65:] = rng.standard_normal((200, 4)).astype(ml_dtypes.bfloat16)
+    table = rng.standard_normal((4, 4))
+    case = {"ids": ids.tolist(), "cotangent": cotangent.tolist(), "table": table.tolist()}
+    result = run_on_jax(["-c", EMBEDDING_GRADIENT_CHECK, json.dumps(case)], timeout=600)
+    lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
+    got = {k: np.asarray(v, np.float32) for k, v in json.loads(lines[-1][7:]).items()}
+
+    summed = np.zeros((4, 4), np.float32)
+    np.add.at(summed, ids, cotangent)
+    expected = summed.astype(ml_dtypes.bfloat16).astype(np.float32)
+    assert got["policy"][0, 0] == 1.125 and got["stock"][0, 0] == 1.0
+    assert_bits_equal(got["policy"], expected)
+    assert_bits_equal(got["forced"], expected)
+    # Off the policy (and before it), Keras's own bf16 gradient.
+    assert_bits_equal(got["after_reset"], got["stock"])
+    assert_bits_equal(got["unforced"], got["stock"])
+    assert not np.array_equal(got["stock"], expected)

@@ -76,12 +76,28 @@ def _model(variant, spec, layers=None):
 
 
 def _data(spec, batches):
+    """Windows of the transformer_lm task's corpus (Python's standard library): its
+    characters repeat as text's do, which a step's cost depends on (the Embedding
+    gradient sums the rows of repeated characters; with bf16 atomics on a GPU,
+    frequent ones serialize). Uniform random ids where the corpus is missing."""
     import numpy as np
 
+    from tf_bf16.lab.tasks import corpus
+
     rng = np.random.default_rng(SEED)
-    ids = rng.integers(0, 128, size=(batches * spec["batch_size"], spec["seq_len"] + 1),
-                       dtype=np.int32)
-    return ids[:, :-1], ids[:, 1:]
+    length = spec["seq_len"] + 1
+    try:
+        ids = corpus.encoded_corpus(corpus.split_files()[0])
+    except (OSError, RuntimeError) as e:
+        print(f"bench-gpu: no text corpus ({e}); uniform random ids", flush=True)
+        ids = None
+    if ids is None or len(ids) <= length:
+        windows = rng.integers(0, 128, size=(batches * spec["batch_size"], length),
+                               dtype=np.int32)
+    else:
+        starts = rng.integers(0, len(ids) - length, size=batches * spec["batch_size"])
+        windows = ids[starts[:, None] + np.arange(length)].astype(np.int32)
+    return windows[:, :-1], windows[:, 1:]
 
 
 def _parameters(model):

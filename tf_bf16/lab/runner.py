@@ -114,9 +114,16 @@ def _set_policy(variant, seed, cfg):
     # Keras and tf_bf16 as imported (the JAX runner uses this too).
     import keras
     import tf_bf16
+    from tf_bf16 import keras_hooks
 
     tf_bf16.reset_policy()
-    if variant in ("nearest", STOCK):
+    # nearest: Embedding gradients summed in float32 as under the policy of SR and
+    # Kahan (JAX backend; nothing changes on TensorFlow), so that it differs from
+    # them in the weight rounding only.
+    keras_hooks.float32_embedding_gradients(variant == "nearest")
+    if variant == "nearest":
+        keras.config.set_dtype_policy("bfloat16")
+    elif variant == STOCK:
         keras.config.set_dtype_policy("bfloat16")
     elif variant == MIXED:
         keras.config.set_dtype_policy("mixed_bfloat16")
