@@ -85,6 +85,14 @@ def _embedding_hook_applies():
     return _EMBEDDING_HOOK["forced"] or _EMBEDDING_HOOK["policy_active"]()
 
 
+def embedding_gradient_sums():
+    """How a 16-bit Embedding table's gradient is summed now: "float32" (the
+    hook applies) or "table dtype" (Keras's scatter-add; always on TensorFlow,
+    whose gradient is an IndexedSlices that the tf_bf16 optimizers sum in float32)."""
+    applies = _EMBEDDING_HOOK["installed"] and _embedding_hook_applies()
+    return "float32" if applies else "table dtype"
+
+
 def _wrap_embedding():
     if _EMBEDDING_HOOK["installed"] or keras.backend.backend() != "jax":
         return

@@ -166,6 +166,8 @@ def _fake_result(variant, metric, curve):
         "finite": True, "wall_s": 60.0, "ms_per_step": 14.2,
         "peak_device_bytes": 5 * 2**30, "pieces": 1, "initial_weights_sha256": "abc",
         "state_sha256": variant, "task_info": {"train_chars": 10},
+        "embedding_gradient_sums": "float32" if variant in ("nearest", "stochastic", "kahan")
+        else "table dtype",
         "machine": {"backend": "jax", "cpu": "Some CPU", "cpu_flags": [], "logical_cpus": 16,
                     "usable_cpus": 16, "memory_bytes": 2**37, "os": "Linux",
                     "python": "3.12.3", "jax": "0.11.2", "keras": "3.15.1",
@@ -210,6 +212,7 @@ def test_results_from_json_appends_the_gpu_section_and_keeps_the_cpu_sections(tm
     assert "| bf16 nearest | 1.699 | +0.093 | no |" in gpu
     assert "| bf16 Kahan | 1.614 | +0.008 | yes |" in gpu
     assert "101,558,400 trainable parameters" in gpu
+    assert "Made before tf_bf16 summed bf16 Embedding gradients" not in gpu
     assert "6e-4" in gpu or "0.0006" in gpu
     assert "![transformer_lm on NVIDIA H200: learning curves](results/gpu/transformer_lm.png)" \
         in gpu
@@ -240,6 +243,8 @@ def test_gpu_partial_renders_the_finished_variants_and_names_the_paused_one(tmp_
     import matplotlib  # noqa: F401  (the lab extra)
     summary = _fake_compare_json(tmp_path / "run.json")
     del summary["variants"]["kahan"]   # a paused variant has no result yet
+    for variant in ("nearest", "stochastic"):   # results of a run before the float32 sums
+        del summary["variants"][variant]["embedding_gradient_sums"]
     summary["paused"] = "kahan"
     gpu_json = tmp_path / "paused.json"
     gpu_json.write_text(json.dumps(summary))
@@ -255,6 +260,8 @@ def test_gpu_partial_renders_the_finished_variants_and_names_the_paused_one(tmp_
     assert "**Not finished: bf16 Kahan**" in gpu
     assert "| bf16 SR | 1.616 |" in gpu
     assert "| bf16 Kahan |" not in gpu
+    assert ("**Made before tf_bf16 summed bf16 Embedding gradients in float32** "
+            "(bf16 nearest, bf16 SR)") in gpu
 
 
 @pytest.mark.slow

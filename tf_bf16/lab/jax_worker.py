@@ -282,6 +282,7 @@ class _Worker:
         import keras
         import numpy as np
         import tf_bf16
+        from tf_bf16 import keras_hooks
         from tf_bf16.lab import report
         from tf_bf16.lab import runner
 
@@ -329,6 +330,8 @@ class _Worker:
             "first_segment_s": first_segment_s,
             "initial_weights_sha256": self.initial_sha,
             "state_sha256": state_sha256(list(self.model.variables) + list(optimizer.variables)),
+            # How the bf16 variants' Embedding gradients were summed (keras_hooks).
+            "embedding_gradient_sums": keras_hooks.embedding_gradient_sums(),
             "machine": common.jax_machine_info(),
             "task_info": dict(self.data.info),
         }

@@ -89,6 +89,26 @@ def _configuration(cfg, runs):
     return "; ".join(parts)
 
 
+# The 16-bit variants, whose Embedding gradients tf_bf16 sums in float32 on JAX.
+_SIXTEEN_BIT = ("nearest", "stochastic", "kahan")
+
+
+def _embedding_note(entry, variants):
+    """A note for runs made before tf_bf16 summed bf16 Embedding gradients in
+    float32 (their results have no "embedding_gradient_sums")."""
+    older = [v for v in variants if v in _SIXTEEN_BIT
+             and any("embedding_gradient_sums" not in run[v] for run in entry["runs"])]
+    if not older:
+        return []
+    return [f"**Made before tf_bf16 summed bf16 Embedding gradients in float32** "
+            f"({', '.join(report.LABELS[v] for v in older)}): their Embedding gradients "
+            "were Keras's bf16 scatter-add, which on this text cost about 18 ms of each "
+            "step on the H200 (contended bf16 atomics on frequent characters; "
+            "docs/bench_gpu.md, \"The pure-bf16 fit step\"), so their ms/step is not what "
+            "tf_bf16 takes now, and each occurrence of a character was added to its "
+            "gradient row in bf16.", ""]
+
+
 def gpu_markdown(suite, all_tasks, output):
     """The GPU section (Markdown) of the report at `output`."""
     base = os.path.dirname(os.path.abspath(output))
@@ -153,6 +173,7 @@ def gpu_markdown(suite, all_tasks, output):
                     " WARNING: the processes built different initial weights.")
                  + (f" Trained in up to {pieces} resumed pieces." if pieces > 1 else ""))
         out += [notes, ""]
+        out += _embedding_note(entry, variants)
         unfinished = suite.get("not_finished", {}).get(name)
         if unfinished:
             out += [f"**Not finished: {report.LABELS.get(unfinished, unfinished)}** (paused "
