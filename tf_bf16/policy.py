@@ -20,8 +20,9 @@ stream is keyed on the optimizer's raw iteration counter and seed variable and
 on the statistic's position in the model's variables, so resumed training, and
 the same model built again, draw the same bits. No model change.
 
-Compiled metrics compute in float32 and initializers without a bf16 kernel
-(Keras's `Orthogonal`) draw in float32 and cast, while the policy is active
+Compiled metrics compute in float32, initializers without a bf16 kernel
+(Keras's `Orthogonal`) draw in float32 and cast, and on JAX a 16-bit Embedding
+table's gradient sums in float32, while the policy is active
 (tf_bf16.keras_hooks).
 
 Both Keras backends: on TensorFlow the hook is the trainer's
