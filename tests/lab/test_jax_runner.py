@@ -213,6 +213,8 @@ def test_results_from_json_appends_the_gpu_section_and_keeps_the_cpu_sections(tm
     assert "| bf16 Kahan | 1.614 | +0.008 | yes |" in gpu
     assert "101,558,400 trainable parameters" in gpu
     assert "Made before tf_bf16 summed bf16 Embedding gradients" not in gpu
+    assert ("Embedding gradients of bf16 nearest, bf16 SR, bf16 Kahan: each token's "
+            "occurrences summed in float32") in gpu
     assert "6e-4" in gpu or "0.0006" in gpu
     assert "![transformer_lm on NVIDIA H200: learning curves](results/gpu/transformer_lm.png)" \
         in gpu

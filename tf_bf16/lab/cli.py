@@ -53,6 +53,9 @@ JSON and Markdown, then the learning curves (PNG).
 Why "nearest" uses the tf_bf16 optimizer rather than stock Keras: stock Keras
 Adam never moves a weight in pure bf16 (beta_2 = 0.999 rounds to 1.0), which
 would hide the effect of rounding; --include-stock adds that sixth variant.
+On the JAX backend nearest also sums bf16 Embedding gradients in float32, as
+the policy of stochastic and kahan does, so that it differs from them in the
+weight rounding only.
 
 The Keras optimizers of float32, mixed_bfloat16 (and stock) receive sparse
 gradients (IndexedSlices, from Embedding lookups) densified: on the TensorFlow

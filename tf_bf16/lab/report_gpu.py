@@ -96,10 +96,17 @@ _SIXTEEN_BIT = ("nearest", "stochastic", "kahan")
 def _embedding_note(entry, variants):
     """A note for runs made before tf_bf16 summed bf16 Embedding gradients in
     float32 (their results have no "embedding_gradient_sums")."""
-    older = [v for v in variants if v in _SIXTEEN_BIT
-             and any("embedding_gradient_sums" not in run[v] for run in entry["runs"])]
+    sixteen_bit = [v for v in variants if v in _SIXTEEN_BIT]
+    older = [v for v in sixteen_bit
+             if any("embedding_gradient_sums" not in run[v] for run in entry["runs"])]
     if not older:
-        return []
+        summed = [v for v in sixteen_bit
+                  if all(run[v]["embedding_gradient_sums"] == "float32" for run in entry["runs"])]
+        if not summed:
+            return []
+        return [f"Embedding gradients of {', '.join(report.LABELS[v] for v in summed)}: "
+                "each token's occurrences summed in float32 and rounded once to bf16 "
+                "(tf_bf16's JAX policy; Keras's own gradient is a bf16 scatter-add).", ""]
     return [f"**Made before tf_bf16 summed bf16 Embedding gradients in float32** "
             f"({', '.join(report.LABELS[v] for v in older)}): their Embedding gradients "
             "were Keras's bf16 scatter-add, which on this text cost about 18 ms of each "
