@@ -25,13 +25,7 @@ ACC_SECONDS="${ACC_SECONDS:-500}"
 mkdir -p "$OUT"
 stamp() { date +%H:%M:%S; }
 
-if ! python3 -c "import keras" 2>/dev/null; then
-  echo "[$(stamp)] installing Keras from .whl/"
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tf_bf16_site .whl/*.whl \
-    || echo "[$(stamp)] pip install failed"
-  export PYTHONPATH="/tmp/tf_bf16_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source tools/h200/keras_from_wheels.sh
 {
   echo "[$(stamp)] $(python3 --version 2>&1); $(nvidia-smi -L 2>/dev/null | head -1)"
   git log -1 --format='commit %H %s' 2>/dev/null

@@ -19,13 +19,7 @@ REFERENCE="${REFERENCE:-out/jax_parity_reference}"
 mkdir -p "$OUT"
 stamp() { date +%H:%M:%S; }
 
-if ! python3 -c "import keras" 2>/dev/null; then
-  echo "[$(stamp)] installing Keras from .whl/"
-  python3 -m pip install -q --no-index --no-deps --target /tmp/tf_bf16_site .whl/*.whl \
-    || echo "[$(stamp)] pip install failed"
-  export PYTHONPATH="/tmp/tf_bf16_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source tools/h200/keras_from_wheels.sh
 echo "[$(stamp)] $(python3 --version 2>&1); $(nvidia-smi -L 2>/dev/null | head -1)"
 python3 -c "import jax, keras; print('jax', jax.__version__, jax.devices(), 'keras', keras.__version__)" \
   || echo "[$(stamp)] jax/keras import failed"

@@ -16,12 +16,7 @@ cd "$(dirname "$0")/../.."
 OUT="${OUT:-out/h200_profile}"
 WORK=/tmp/tf_bf16_profile
 mkdir -p "$OUT" "$WORK"
-if ! python3 -c "import keras" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tf_bf16_site .whl/*.whl \
-    || echo "pip install failed"
-  export PYTHONPATH="/tmp/tf_bf16_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source tools/h200/keras_from_wheels.sh
 {
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv
   timeout "${PROFILE_TIMEOUT:-480}" python3 tools/profile_fit_step.py --trace --out "$WORK" \

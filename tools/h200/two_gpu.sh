@@ -23,13 +23,7 @@ PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
 stamp() { date +%H:%M:%S; }
 
-if ! "$PYTHON" -c "import keras" 2>/dev/null; then
-  echo "[$(stamp)] installing Keras from .whl/"
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/tf_bf16_site \
-    .whl/*.whl || echo "[$(stamp)] pip install failed"
-  export PYTHONPATH="/tmp/tf_bf16_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source tools/h200/keras_from_wheels.sh
 (nvidia-smi -L; nvidia-smi topo -m) > "$OUT/nvidia-smi.txt" 2>&1 || true
 echo "[$(stamp)] $("$PYTHON" --version 2>&1); NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE; $(grep -c '^GPU' "$OUT/nvidia-smi.txt") GPU(s)"
 
