@@ -20,10 +20,10 @@ char model of ``bench-gpu`` (tf_bf16/lab/tasks/transformer_lm.build_model) and:
 
 Variant ``stock`` (Keras's "bfloat16" policy with the stock Keras optimizer)
 is the control: the same pure-bf16 forward and backward pass without tf_bf16.
-A variant name ending in ``+f32embed`` (e.g. ``nearest+f32embed``) is the
-experiment on the Embedding layers' gradient: their backward pass sums the
-rows of repeated tokens into a float32 array (then rounds it once to the
-table's dtype) instead of Keras's scatter-add in the table's dtype.
+A variant name ending in ``+f32embed`` (e.g. ``stock+f32embed``) sums the
+Embedding layers' gradients in float32 (``tf_bf16.keras_hooks.
+float32_embedding_gradients``; the policy's SR and Kahan and compare's nearest
+do already), for variants without it.
 
 ``--text`` takes the batches from the transformer_lm task's corpus (Python's
 standard library: characters repeat as in text) instead of uniform random ids;
@@ -137,36 +137,6 @@ def measure_fit_only(label, model, spec, steps, rounds, out_dir, trace, params, 
     return result
 
 
-def float32_embedding_gradients():
-    """Replaces Keras's Embedding.call: the same lookup, whose gradient sums the
-    rows of repeated ids in float32 and rounds the sum once to the table's dtype."""
-    import jax
-    import jax.numpy as jnp
-    import keras
-
-    @jax.custom_vjp
-    def take_rows(table, ids):
-        return jnp.take(table, ids, axis=0)
-
-    def forward(table, ids):
-        return jnp.take(table, ids, axis=0), (table, ids)
-
-    def backward(residual, cotangent):
-        table, ids = residual
-        total = jnp.zeros(table.shape, jnp.float32).at[ids].add(cotangent.astype(jnp.float32))
-        return total.astype(table.dtype), None
-
-    take_rows.defvjp(forward, backward)
-
-    def call(self, inputs):
-        if inputs.dtype not in ("int32", "int64"):
-            inputs = keras.ops.cast(inputs, "int32")
-        table = keras.ops.convert_to_tensor(self.embeddings)
-        return keras.ops.cast(take_rows(table, inputs), self.compute_dtype)
-
-    keras.layers.Embedding.call = call
-
-
 def text_batches(spec, count):
     """`count` batches of windows of the transformer_lm task's training text."""
     import numpy as np
@@ -196,7 +166,11 @@ def measure(variant, spec, steps, rounds, out_dir, trace=False, text=False, trai
     label = variant
     variant, _, experiment = variant.partition("+")
     if experiment == "f32embed":
-        float32_embedding_gradients()
+        # What set_policy() now does on JAX (measured with this tool's own copy of it
+        # before it moved into tf_bf16.backend.jax).
+        from tf_bf16 import keras_hooks
+
+        keras_hooks.float32_embedding_gradients()
     elif experiment:
         raise SystemExit(f"unknown experiment {experiment!r} (known: f32embed)")
     runner._set_policy(variant, SEED, {})
