@@ -21,7 +21,7 @@ that works in float32 works unchanged under the all-bf16 policy.
 - **Embedding gradients sum in float32 (JAX backend).** Keras's JAX gradient
   of an `Embedding` lookup is a scatter-add in the table's dtype: each
   occurrence of a token is added to its row in bf16, rounded each time, and on
-  a GPU by bf16 atomics that serialize on frequent tokens (18 ms of a 33 ms
+  a GPU as atomic updates that contend on frequent tokens (18 ms of a 33 ms
   step of a character LM on the H200). While the policy is active, a 16-bit
   table's gradient sums in float32 and is rounded once to the table's dtype
   (`tf_bf16.backend.jax.embedding_lookup`); the lookup itself is unchanged. On

@@ -253,14 +253,13 @@ def embedding_lookup(table, ids):
     Keras's own gradient is a scatter-add in the table's dtype: for a bf16
     table, every occurrence of a token is added in bf16 (each add rounded, so
     a row's sum loses the small contributions, as a bf16 weight loses small
-    updates), and on a GPU the adds are bf16 atomics whose contention on the
-    rows of frequent tokens serializes them: on the H200 at 101M parameters, a
-    character LM's token table gradient took 18 ms of a 33 ms step on text
-    (tools/profile_fit_step.py --text; 0.3 ms on uniform random ids), float32
-    atomics 0.1 ms. On a GPU the float32 adds are atomics in no fixed order:
-    a row's float32 sum can differ in its last bits from run to run and, rarely,
-    round to another bf16 value (XLA_FLAGS=--xla_gpu_deterministic_ops=true
-    fixes the order).
+    updates), and on a GPU as atomic updates that contend on the rows of
+    frequent tokens: on the H200, a 101M-parameter character LM's token-table
+    gradient took 18 ms of a 33 ms step on text (0.3 ms on uniform random
+    ids; under 0.1 ms with a float32 table; docs/bench_gpu.md). On a GPU the
+    float32 adds are atomics in no fixed order: a row's float32 sum can differ
+    in its last bits from run to run and, rarely, round to another bf16 value
+    (XLA_FLAGS=--xla_gpu_deterministic_ops=true fixes the order).
     """
     return jnp.take(table, ids, axis=0)
 
