@@ -26,7 +26,9 @@ probes above the largest model.
    ~400M parameters (dim 2048, 8 blocks of 16 heads, feed-forward 8192,
    sequence 512, batch 16: 404M) with Adam, one process per variant (``--variants``:
    mixed_bfloat16 and float32 with stock Keras Adam, bf16 nearest / SR / Kahan
-   with tf_bf16's Adam). After a compiling round, ``--rounds`` fit calls of
+   with tf_bf16's Adam), on windows of the task's text (its characters repeat
+   as text's do, which the Embedding gradient's cost depends on; uniform
+   random ids where the corpus is missing). After a compiling round, ``--rounds`` fit calls of
    ``--steps`` + 1 batches; each round's time runs from the start of its
    second batch (after waiting for the first) to the end of the call, blocked
    on the weights, over ``--steps``: steps dispatch asynchronously, as in any
@@ -73,7 +75,7 @@ same run, every measurement in its own process (its peak memory its own):
             jitted, donated buffers) vs a device copy of the same bytes:
             SR and Kahan >= 95% of the copy's bandwidth, SR <= 1.02x nearest;
   fit       model.fit step of the GPT-style char model at 404M parameters
-            (sequence 512, batch 16, Adam): float32, mixed_bfloat16, bf16
+            (sequence 512, batch 16, Adam; the task's text): float32, mixed_bfloat16, bf16
             nearest / SR / Kahan; SR and Kahan <= 0.95x mixed's median step
             time and <= 0.65x its peak device memory;
   capacity  the deepest model of width 8192 that trains: compiled memory at two
