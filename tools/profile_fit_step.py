@@ -30,9 +30,9 @@ standard library: characters repeat as in text) instead of uniform random ids;
 ``--train-steps N`` trains N steps on them before measuring; ``--fit-only``
 measures ``model.fit`` and its kernels only (one compilation per variant).
 
-Run it under ``nsys profile --stats=true`` (tools/h200/profile_fit.sh does when
-nsys is installed) to get the kernel table of each process. On a CPU (JAX's CPU
-backend) it runs at any size; ``--tiny`` is the tests' size.
+``--trace`` lists the top kernels of a step from JAX's profiler
+(tools/h200/profile_fit.sh passes it; nsys is not on the H200 machines). On a
+CPU (JAX's CPU backend) it runs at any size; ``--tiny`` is the tests' size.
 
   KERAS_BACKEND=jax python tools/profile_fit_step.py --variants mixed_bfloat16,nearest,stochastic
 """
@@ -145,10 +145,8 @@ def text_batches(spec, count):
 
     train_files, _ = corpus.split_files()
     ids = corpus.encoded_corpus(train_files)
-    rng = np.random.default_rng(SEED)
-    length = spec["seq_len"] + 1
-    starts = rng.integers(0, len(ids) - length, size=count * spec["batch_size"])
-    windows = ids[starts[:, None] + np.arange(length)].astype(np.int32)
+    windows = corpus.random_windows(ids, spec["seq_len"] + 1, count * spec["batch_size"],
+                                    np.random.default_rng(SEED)).astype(np.int32)
     return windows[:, :-1], windows[:, 1:]
 
 
@@ -231,7 +229,7 @@ def measure(variant, spec, steps, rounds, out_dir, trace=False, text=False, trai
         return compiled, compile_s, median, times, run
 
     compiled, compile_s, full_ms, full_times, run_full = timed_step(model.train_step)
-    top_kernels = traced_kernels(run_full, os.path.join(out_dir, f"trace_{variant}")) \
+    top_kernels = traced_kernels(run_full, os.path.join(out_dir, f"trace_{label}")) \
         if trace else []
     counts = kernel_counts(compiled.as_text())
     with open(os.path.join(out_dir, f"hlo_{label}.txt"), "w") as f:

@@ -95,8 +95,8 @@ def _data(spec, batches):
         windows = rng.integers(0, 128, size=(batches * spec["batch_size"], length),
                                dtype=np.int32)
     else:
-        starts = rng.integers(0, len(ids) - length, size=batches * spec["batch_size"])
-        windows = ids[starts[:, None] + np.arange(length)].astype(np.int32)
+        windows = corpus.random_windows(ids, length, batches * spec["batch_size"],
+                                        rng).astype(np.int32)
     return windows[:, :-1], windows[:, 1:]
 
 

@@ -64,6 +64,13 @@ def encoded_corpus(files):
     return np.concatenate([encode(t if t.endswith("\n") else t + "\n") for t in texts])
 
 
+def random_windows(ids, length, count, rng):
+    """`count` windows of `length` consecutive ids of `ids`, at starts drawn from `rng`
+    (the transformer_lm task's training batches; bench-gpu's and the profiler's)."""
+    starts = rng.integers(0, len(ids) - length, size=count)
+    return ids[starts[:, None] + np.arange(length)]
+
+
 class TokenAndPositionEmbedding(keras.layers.Layer):
     """Token embedding plus a learned position embedding (GPT/BERT style)."""
 

@@ -92,8 +92,7 @@ class TransformerLMTask(Task):
         length = cfg["seq_len"] + 1
         count = steps * cfg["batch_size"]
         rng = np.random.default_rng(seed)
-        starts = rng.integers(0, len(train_ids) - length, size=count)
-        windows = train_ids[starts[:, None] + np.arange(length)]
+        windows = corpus.random_windows(train_ids, length, count, rng)
         # Held-out windows: evenly spaced, non-overlapping, seed-independent.
         n_eval = min(cfg["eval_windows"], len(held_ids) // length)
         offsets = np.linspace(0, len(held_ids) - length, n_eval).astype(np.int64)
