@@ -102,3 +102,23 @@ def test_bench_script_measures_every_part_without_tensorflow(tmp_path):
         assert needle in text, needle
     assert "| bf16 SR (tf_bf16 Adam) |" in (tmp_path / "bench_gpu.md").read_text()
     assert "fit stochastic:" in (tmp_path / "bench_gpu.log").read_text()
+
+
+def test_determinism_script_times_the_update_and_repeats_a_deterministic_run(tmp_path):
+    proc = _script("gpu_determinism.sh", tmp_path,
+                   {"DET_ARGS": "--reduced", "DET_STEPS": "4",
+                    "UPDATE_ARGS": "--parameters 4096 --calls 1 --repeats 1"}, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    rows = json.loads((tmp_path / "profile_update.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["copy u16", "copy u32", "plain", "plain+SR",
+                                        "plain+SR3", "tf_bf16 nearest", "tf_bf16 SR"]
+    assert all(r["median_ms"] > 0 for r in rows)
+    runs = {}
+    for line in (tmp_path / "determinism.txt").read_text().splitlines()[1:]:
+        name, _, initial, _, final = line.split()[:5]
+        runs[name] = (initial, final)
+    assert list(runs) == ["plain1", "plain2", "deterministic1", "deterministic2"]
+    assert len({initial for initial, _ in runs.values()}) == 1
+    assert runs["deterministic1"] == runs["deterministic2"]
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) <= 8
