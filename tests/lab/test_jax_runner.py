@@ -266,6 +266,26 @@ def test_gpu_partial_renders_the_finished_variants_and_names_the_paused_one(tmp_
             "(bf16 nearest, bf16 SR)") in gpu
 
 
+@pytest.mark.parametrize("xla_flags, platform, expected", [
+    ("", "gpu", "**Reruns differ.**"),
+    ("--xla_gpu_deterministic_ops=true", "gpu", "a rerun of the command on the same machine"),
+    ("", "cpu", None),
+])
+def test_gpu_section_says_whether_a_rerun_repeats_the_bits(tmp_path, xla_flags, platform,
+                                                          expected):
+    summary = _fake_compare_json(tmp_path / "run.json")
+    summary["machine"] = dict(summary["machine"], xla_flags=xla_flags, device_platform=platform)
+    suite = report_gpu.suite_from_json(summary)
+    report_gpu._prepare(suite, all_tasks(), str(tmp_path))
+    gpu = report_gpu.gpu_markdown(suite, all_tasks(), str(tmp_path / "results.md"))
+    notes = [line for line in gpu.splitlines() if "rerun" in line]
+    if expected is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and expected in notes[0]
+        assert ("not evidence" in notes[0]) == (not xla_flags)
+
+
 @pytest.mark.slow
 def test_profile_fit_step_tool_runs_on_the_cpu(tmp_path):
     """tools/profile_fit_step.py (the next GPU measurement, docs/bench_gpu.md) at

@@ -102,7 +102,9 @@ H200) every variant trains in its own process, the table adds ms/step and the
 peak device memory, --config gpu is transformer_lm at 101M parameters, and a
 run may be split into pieces: --max-minutes pauses it with the running
 variant's full state saved (exit status 3), --resume DIR continues it
-bit-identically.
+bit-identically. On a GPU a rerun repeats the bits only with
+XLA_FLAGS=--xla_gpu_deterministic_ops=true (XLA's default reductions are not
+deterministic; the H200 float32 step then took 1.23x as long).
 
 Examples:
   python -m tf_bf16 list

@@ -116,6 +116,28 @@ def _embedding_note(entry, variants):
             "gradient row in bf16.", ""]
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def _determinism_note(suite):
+    """Whether a rerun of the command gives the same bits: on a GPU, only with
+    XLA's deterministic ops (its default reductions and scatter-adds are not)."""
+    m = suite["machine"]
+    if m.get("device_platform") != "gpu":
+        return []
+    if DETERMINISTIC_FLAG in (m.get("xla_flags") or ""):
+        return [f"Run with XLA_FLAGS={DETERMINISTIC_FLAG}: XLA:GPU's reductions and "
+                "scatter-adds in a fixed order, so a rerun of the command on the same "
+                "machine and software repeats its bits.", ""]
+    return ["**Reruns differ.** Made with XLA:GPU's default, non-deterministic reductions "
+            "and scatter-adds: a rerun of the same command starts from the same weights "
+            "and data but does not repeat the bits, and the difference grows over the run "
+            f"(docs/results_discussion.md measures it; XLA_FLAGS={DETERMINISTIC_FLAG} "
+            "makes reruns repeat)."
+            + (" With one seed, a gap smaller than that rerun spread is not evidence."
+               if suite["seeds"] == 1 else ""), ""]
+
+
 def gpu_markdown(suite, all_tasks, output):
     """The GPU section (Markdown) of the report at `output`."""
     base = os.path.dirname(os.path.abspath(output))
@@ -131,6 +153,7 @@ def gpu_markdown(suite, all_tasks, output):
               if suite.get("reduced") else ""), "",
            f"```\n{suite['command']}\n```", "",
            f"Machine: {common.machine_line(m)}.", ""]
+    out += _determinism_note(suite)
     if suite.get("unavailable"):
         out += ["Not run on this backend: " + "; ".join(
             f"{name} ({report._table_cell(message)})"

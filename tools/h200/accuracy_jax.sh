@@ -16,6 +16,9 @@
 # there, bit-identically, and the outputs then hold every variant. A variant that
 # fails is reported and the others go on. ACC_ARGS replaces the configuration
 # (default "--config gpu"; the tests pass "--reduced --steps 8" on a CPU).
+# XLA_FLAGS passes through (recorded in env.txt and the results' machine line):
+# XLA_FLAGS=--xla_gpu_deterministic_ops=true makes a rerun repeat the bits,
+# which XLA:GPU's defaults do not (tools/h200/gpu_determinism.sh measured both).
 set -u
 export PYTHONUNBUFFERED=1 KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=3
 cd "$(dirname "$0")/../.."
