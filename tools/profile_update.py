@@ -78,8 +78,7 @@ def _plain_adam(stochastic):
         return store(w32, d[0]), store(m32, d[1]), store(v32, d[2])
 
     def call(state, gradient, lr, step):
-        w, m, v = update(state[0], gradient, state[1], state[2], lr, step)
-        return (w, m, v)
+        return update(state[0], gradient, state[1], state[2], lr, step)
     return call
 
 
@@ -96,15 +95,6 @@ def _spec_adam(rounding):
                      learning_rate=lr, step=step)
         return (new["variable"], new["m"], new["v"])
     return call
-
-
-def _copy(dtype):
-    import jax
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def copy(x, z):
-        return x ^ z
-    return lambda state, zero: copy(state, zero.astype(dtype))
 
 
 def main(argv=None):
@@ -125,14 +115,14 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    from tf_bf16.lab.bench_gpu_worker import _timed
+    from tf_bf16.lab.bench_gpu_worker import _copy_seconds, _timed
 
     n = args.parameters
     keys = jax.random.split(jax.random.key(1234), 4)
     lr = jnp.asarray(1e-3, jnp.float32)
     step = jnp.asarray(1000, jnp.int32)
-    zero = jnp.zeros((), jnp.uint32)
     gradient = (1e-3 * jax.random.normal(keys[1], (n,))).astype(jnp.bfloat16)
 
     def adam_state():
@@ -141,31 +131,26 @@ def main(argv=None):
                 (1e-6 * jnp.abs(jax.random.normal(keys[3], (n,)))).astype(jnp.bfloat16))
 
     copy_bytes = n * BYTES_PER_PARAMETER // 2      # read once, written once
-    rows = [
-        ("copy u16", lambda: jax.random.bits(keys[0], (copy_bytes // 2,), jnp.uint16),
-         lambda s, c=_copy(jnp.uint16): c(s, zero)),
-        ("copy u32", lambda: jax.random.bits(keys[0], (copy_bytes // 4,), jnp.uint32),
-         lambda s, c=_copy(jnp.uint32): c(s, zero)),
-        ("plain", adam_state, functools.partial(_plain_adam(0), gradient=gradient, lr=lr,
-                                                step=step)),
-        ("plain+SR", adam_state, functools.partial(_plain_adam(1), gradient=gradient, lr=lr,
-                                                   step=step)),
-        ("plain+SR3", adam_state, functools.partial(_plain_adam(3), gradient=gradient, lr=lr,
-                                                    step=step)),
-        ("tf_bf16 nearest", adam_state, functools.partial(_spec_adam("nearest"),
-                                                          gradient=gradient, lr=lr, step=step)),
-        ("tf_bf16 SR", adam_state, functools.partial(_spec_adam("stochastic"),
-                                                     gradient=gradient, lr=lr, step=step)),
-    ]
+    updates = [("plain", _plain_adam(0)), ("plain+SR", _plain_adam(1)),
+               ("plain+SR3", _plain_adam(3)), ("tf_bf16 nearest", _spec_adam("nearest")),
+               ("tf_bf16 SR", _spec_adam("stochastic"))]
     _log(f"{n:,} bf16 parameters, {BYTES_PER_PARAMETER} B/parameter; devices {jax.devices()}")
     results = []
-    for label, make_state, call in rows:
-        median, times, state = _timed(call, make_state(), args.calls, args.repeats)
-        del state
+
+    def record(label, median, times):
         results.append({"row": label, "median_ms": 1e3 * median,
                         "times_ms": [1e3 * t for t in times],
                         "gb_s": n * BYTES_PER_PARAMETER / median / 1e9})
         _log(f"{label}: {1e3 * median:.3f} ms")
+
+    for label, dtype in (("copy u16", "uint16"), ("copy u32", "uint32")):
+        record(label, *_copy_seconds(copy_bytes // np.dtype(dtype).itemsize, args.calls,
+                                     args.repeats, dtype))
+    for label, update in updates:
+        call = functools.partial(update, gradient=gradient, lr=lr, step=step)
+        median, times, state = _timed(call, adam_state(), args.calls, args.repeats)
+        del state
+        record(label, median, times)
     copy_ms = results[0]["median_ms"]
     plain_ms = results[2]["median_ms"]
     print(f"Adam update, {n:,} bf16 parameters ({BYTES_PER_PARAMETER} B/parameter moved); "

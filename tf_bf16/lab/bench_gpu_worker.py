@@ -287,15 +287,16 @@ def _timed(call, state, calls, repeats):
     return statistics.median(times), times, state
 
 
-def _copy_seconds(elements, calls, repeats):
-    """A device copy: every uint16 of an array read and written (XOR with a run-time zero)."""
+def _copy_seconds(elements, calls, repeats, dtype="uint16"):
+    """A device copy: every element of an unsigned-integer array (uint16 unless
+    `dtype` says otherwise) read and written (XOR with a run-time zero)."""
     import functools
 
     import jax
     import jax.numpy as jnp
 
-    array = jax.random.bits(jax.random.key(SEED), (elements,), jnp.uint16)
-    zero = jnp.zeros((), jnp.uint16)
+    array = jax.random.bits(jax.random.key(SEED), (elements,), jnp.dtype(dtype))
+    zero = jnp.zeros((), jnp.dtype(dtype))
 
     @functools.partial(jax.jit, donate_argnums=0)
     def copy(x, z):
