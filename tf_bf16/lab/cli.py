@@ -104,7 +104,8 @@ run may be split into pieces: --max-minutes pauses it with the running
 variant's full state saved (exit status 3), --resume DIR continues it
 bit-identically. On a GPU a rerun repeats the bits only with
 XLA_FLAGS=--xla_gpu_deterministic_ops=true (XLA's default reductions are not
-deterministic; the H200 float32 step then took 1.23x as long).
+deterministic; the H200 float32 step then took 1.23x as long:
+tools/h200/gpu_determinism.sh).
 
 Examples:
   python -m tf_bf16 list
